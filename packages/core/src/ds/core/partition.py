@@ -1,0 +1,120 @@
+"""The contract between the engine and a data-parallel partitioner.
+
+A partitioner owns everything that differs between plain data parallelism and the ZeRO
+stages: where master weights live, how gradients are synchronised (all-reduce or
+reduce-scatter, bucketed and overlapped with backward), which optimizer state a rank
+holds, and how that state is written to and read from a universal checkpoint. The
+engine stays the same for every stage: it scales the loss, decides accumulation
+boundaries, computes the global gradient norm from the gradients each rank owns,
+skips steps on overflow, clips, and calls :meth:`Partitioner.step`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from ds.core.checkpoint import CheckpointReader, TensorShard
+    from ds.core.comm import Communicator
+    from ds.core.config import DsConfig
+    from ds.core.mesh import Mesh
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """Dtypes of one run: compute (model params), master weights, gradient reduction."""
+
+    param_dtype: torch.dtype = torch.float32
+    master_dtype: torch.dtype = torch.float32
+    reduce_dtype: torch.dtype = torch.float32
+
+    @property
+    def has_master_copy(self) -> bool:
+        """Low-precision training keeps separate fp32 master weights for the optimizer."""
+        return self.param_dtype != self.master_dtype
+
+
+OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+"""Builds the user's optimizer over master parameters given as torch param groups."""
+
+
+@dataclass
+class PartitionContext:
+    """What a partitioner factory receives. Built once per ``initialize``."""
+
+    module: nn.Module
+    config: DsConfig
+    mesh: Mesh
+    comm: Communicator
+    precision: PrecisionPolicy
+    make_optimizer: OptimizerFactory
+    device: torch.device
+
+
+class Partitioner(ABC):
+    """Owns master weights, gradient sync and the optimizer step for one data-parallel layout.
+
+    Attributes every implementation sets:
+
+    * ``module``: the model the engine calls forward on (parameters in compute dtype);
+    * ``optimizer``: the optimizer over the master parameters this rank owns; the LR
+      scheduler acts on its ``param_groups``;
+    * ``gradient_norm_group``: the process group over which per-rank sums of squared
+      owned gradients add up to the global norm, or ``None`` when every rank already
+      holds all gradients.
+    """
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    gradient_norm_group: ProcessGroup | None
+
+    @abstractmethod
+    def set_gradient_sync(self, enabled: bool) -> None:
+        """Tell the gradient hooks whether the coming backward ends an accumulation window.
+
+        When disabled, gradients only accumulate locally; no communication happens.
+        """
+
+    @abstractmethod
+    def finish_gradient_sync(self) -> None:
+        """Wait for outstanding reductions; afterwards :meth:`owned_gradients` is final.
+
+        Owned gradients are averaged over the data-parallel group and in master dtype.
+        """
+
+    @abstractmethod
+    def owned_gradients(self) -> list[torch.Tensor]:
+        """The master-dtype gradients this rank owns (and will apply in :meth:`step`)."""
+
+    @abstractmethod
+    def step(self) -> None:
+        """Apply the optimizer to owned master weights and refresh the compute weights."""
+
+    @abstractmethod
+    def zero_grad(self) -> None:
+        """Drop all gradients (model and master) so the next window starts clean."""
+
+    @abstractmethod
+    def checkpoint_shards(self) -> list[TensorShard]:
+        """This rank's slices of model weights and optimizer state, by global name.
+
+        Names: ``model/<fqn>`` for fp32 master weights and
+        ``optimizer/<fqn>/<state key>`` for per-parameter optimizer state. Together over
+        all ranks the slices cover each tensor exactly once.
+        """
+
+    @abstractmethod
+    def load_checkpoint(self, reader: CheckpointReader) -> None:
+        """Read the slices this rank owns, whatever layout wrote them."""
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for ``params``, ``gradients`` and ``optimizer`` state."""
+        raise NotImplementedError(f"{type(self).__name__} does not report its memory")

@@ -1,0 +1,113 @@
+"""Run a function on several local processes, as torchrun would, and collect results.
+
+Distributed tests in every ds package are parity tests: a function runs on N gloo
+processes and its per-rank results are compared with a single-process reference. This
+module is the harness: it starts the processes with the environment torchrun sets
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), returns
+what each rank's function returned, and re-raises the first failure with its rank and
+traceback. It lives in core, not in tests, so plugin packages and third parties use it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+
+def free_port() -> int:
+    """A TCP port that is free on loopback right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    env: dict[str, str],
+    results: Any,
+) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        value = fn(*args)
+        results.put((rank, True, value))
+    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class DistributedTestFailure(AssertionError):
+    """A rank raised; the message carries its rank and traceback."""
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 300.0,
+    env: dict[str, str] | None = None,
+) -> list[Any]:
+    """Run ``fn(*args)`` on ``world_size`` fresh processes and return results by rank.
+
+    ``fn`` must be importable by name (a module-level function) because processes are
+    spawned, not forked: a forked child would inherit the parent's torch threads and
+    distributed state. Raises :class:`DistributedTestFailure` if any rank fails or the
+    run exceeds ``timeout`` seconds.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, env or {}, results), daemon=True)
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    collected: dict[int, Any] = {}
+    failures: list[str] = []
+    try:
+        while len(collected) + len(failures) < world_size:
+            try:
+                rank, ok, value = results.get(timeout=timeout)
+            except queue.Empty as exc:
+                missing = sorted(set(range(world_size)) - set(collected))
+                raise DistributedTestFailure(
+                    f"ranks {missing} did not finish within {timeout:.0f}s"
+                ) from exc
+            if ok:
+                collected[rank] = value
+            else:
+                failures.append(f"rank {rank} failed:\n{value}")
+                break
+    finally:
+        for proc in procs:
+            proc.join(timeout=5 if not failures else 0.5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    if failures:
+        raise DistributedTestFailure("\n".join(failures))
+    return [collected[rank] for rank in range(world_size)]

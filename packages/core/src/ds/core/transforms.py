@@ -1,0 +1,28 @@
+"""Model transforms: rewrites of the user's model applied before partitioning."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from ds.core.config import DsConfig
+    from ds.core.partition import PartitionContext
+
+
+class ModelTransform(Protocol):
+    """A rewrite such as tensor parallelism, expert parallelism or kernel injection.
+
+    ``order`` fixes where it runs among the others (lower first; the hook spec lists
+    the conventional values) so composition never depends on plugin load order.
+    """
+
+    name: str
+    order: int
+
+    def applies(self, config: DsConfig) -> bool:
+        """Whether the config asks for this transform."""
+
+    def apply(self, module: nn.Module, context: PartitionContext) -> nn.Module:
+        """Return the rewritten module (may be the same object, modified in place)."""
