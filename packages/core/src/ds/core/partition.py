@@ -57,6 +57,22 @@ class PartitionContext:
     precision: PrecisionPolicy
     make_optimizer: OptimizerFactory
     device: torch.device
+    param_groups: list[dict[str, Any]] | None = None
+    """The user's parameter groups over model parameters (per-group lr, weight decay),
+    or None for one group of every trainable parameter."""
+
+    def param_groups_for(self, masters_by_param: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
+        """The user's groups with each model parameter replaced by its master tensor.
+
+        ``masters_by_param`` maps ``id(model_param)`` to the master the optimizer
+        updates. Parameters a partitioner does not own on this rank are left out.
+        """
+        groups = self.param_groups or [{"params": [p for p in self.module.parameters() if p.requires_grad]}]
+        result = []
+        for group in groups:
+            masters = [masters_by_param[id(p)] for p in group["params"] if id(p) in masters_by_param]
+            result.append({**group, "params": masters})
+        return result
 
 
 class Partitioner(ABC):

@@ -1,0 +1,212 @@
+"""Plain data parallelism: replicated state, bucketed all-reduce overlapped with backward.
+
+This is core's default partitioner (``"data_parallel"``). Gradients land in flat
+buckets; when the last gradient of a bucket has been accumulated during the backward
+that ends an accumulation window, that bucket's all-reduce starts asynchronously while
+autograd keeps computing earlier layers. Accumulation micro-steps only accumulate.
+
+When a parameter's dtype equals the reduction dtype, its ``.grad`` *is* a view into the
+bucket (autograd accumulates in place, no copy). Otherwise (bf16 parameters reduced in
+fp32) a hook adds each fresh gradient into the fp32 bucket and drops it, which also
+makes accumulation over micro-steps happen in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ds.core.partition import PartitionContext, Partitioner
+from ds.core.state_names import (
+    load_masters,
+    load_optimizer_state,
+    master_shards,
+    named_trainable_parameters,
+    optimizer_state_shards,
+    whole_segments,
+)
+
+if TYPE_CHECKING:
+    from ds.core.checkpoint import CheckpointReader, TensorShard
+
+DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
+
+
+@dataclass
+class _Bucket:
+    params: list[nn.Parameter]
+    buffer: torch.Tensor
+    views: list[torch.Tensor]
+    ready: int = 0
+    work: Any = None
+    owned_by_views: bool = field(default=True)
+
+
+class DataParallelPartitioner(Partitioner):
+    """Every rank holds full weights, gradients and optimizer state (ZeRO stage 0)."""
+
+    def __init__(self, context: PartitionContext, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+        self._comm = context.comm
+        self._group = context.mesh.group("dp")
+        self._dp_size = context.mesh.size("dp")
+        config = context.config
+        self._predivide = float(config.gradient_predivide_factor) if config.prescale_gradients else 1.0
+        precision = context.precision
+        self.module = context.module.to(device=context.device, dtype=precision.param_dtype)
+        self._named = named_trainable_parameters(self.module)
+        self._params = [p for _, p in self._named]
+        self._broadcast_from_rank0()
+        self._reduce_dtype = precision.reduce_dtype
+        self._buckets = self._build_buckets(bucket_bytes, context.device)
+        self._slot = {id(p): (b, v) for b in self._buckets for p, v in zip(b.params, b.views, strict=True)}
+        self._sync_enabled = True
+
+        if precision.has_master_copy:
+            self._masters = [p.detach().to(precision.master_dtype).clone() for p in self._params]
+        else:
+            self._masters = self._params
+        self._attach_master_grads()
+        self._segments = whole_segments([name for name, _ in self._named], self._masters)
+        groups = context.param_groups_for(dict(zip(map(id, self._params), self._masters, strict=True)))
+        self.optimizer = context.make_optimizer(groups)
+        self.gradient_norm_group = None
+        for param in self._params:
+            param.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    # -- construction -------------------------------------------------------------
+
+    def _broadcast_from_rank0(self) -> None:
+        if self._dp_size == 1:
+            return
+        with torch.no_grad():
+            for tensor in [*self._params, *self.module.buffers()]:
+                self._comm.broadcast(tensor.data, src=dist.get_global_rank(self._group, 0), group=self._group)
+
+    def _build_buckets(self, bucket_bytes: int, device: torch.device) -> list[_Bucket]:
+        # Reverse registration order approximates the order gradients become ready.
+        element_size = torch.empty((), dtype=self._reduce_dtype).element_size()
+        buckets: list[list[nn.Parameter]] = [[]]
+        filled = 0
+        for param in reversed(self._params):
+            if buckets[-1] and filled + param.numel() * element_size > bucket_bytes:
+                buckets.append([])
+                filled = 0
+            buckets[-1].append(param)
+            filled += param.numel() * element_size
+        result = []
+        for params in buckets:
+            buffer = torch.zeros(sum(p.numel() for p in params), dtype=self._reduce_dtype, device=device)
+            views, offset = [], 0
+            for p in params:
+                views.append(buffer[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+            as_views = all(p.dtype == self._reduce_dtype for p in params)
+            if as_views:
+                for p, view in zip(params, views, strict=True):
+                    p.grad = view
+            result.append(_Bucket(params, buffer, views, owned_by_views=as_views))
+        return result
+
+    def _attach_master_grads(self) -> None:
+        self._master_grads: list[torch.Tensor] = []
+        self._grad_copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for master, param in zip(self._masters, self._params, strict=True):
+            view = self._slot[id(param)][1]
+            grad = view
+            if view.dtype != master.dtype:  # e.g. bf16 reduction feeding fp32 masters
+                grad = torch.zeros_like(master)
+                self._grad_copies.append((grad, view))
+            if master is not param:
+                master.grad = grad
+            self._master_grads.append(grad)
+
+    # -- gradient synchronisation -------------------------------------------------
+
+    def _on_grad_ready(self, param: torch.Tensor) -> None:
+        bucket, view = self._slot[id(param)]
+        grad = param.grad
+        if grad is not None and grad.data_ptr() != view.data_ptr():
+            # bf16 parameters reduced in fp32, or the user reset .grad behind our back.
+            view.add_(grad)
+            param.grad = view if bucket.owned_by_views else None
+        if not self._sync_enabled:
+            return
+        bucket.ready += 1
+        if bucket.ready == len(bucket.params):
+            self._launch(bucket)
+
+    def _launch(self, bucket: _Bucket) -> None:
+        if self._predivide != 1.0:
+            bucket.buffer.div_(self._predivide)
+        bucket.work = self._comm.all_reduce(bucket.buffer, group=self._group, async_op=True)
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        self._sync_enabled = enabled
+
+    def finish_gradient_sync(self) -> None:
+        for bucket in self._buckets:
+            if bucket.work is None:  # parameters unused in this window never fired
+                self._launch(bucket)
+        post_scale = self._predivide / self._dp_size
+        for bucket in self._buckets:
+            self._comm.wait(bucket.work)
+            bucket.work = None
+            if post_scale != 1.0:
+                bucket.buffer.mul_(post_scale)
+        for grad, view in self._grad_copies:
+            grad.copy_(view)
+
+    def owned_gradients(self) -> list[torch.Tensor]:
+        return self._master_grads
+
+    # -- optimizer ------------------------------------------------------------------
+
+    def step(self) -> None:
+        self.optimizer.step()
+        if self._masters is not self._params:
+            with torch.no_grad():
+                torch._foreach_copy_(self._params, self._masters)
+
+    def zero_grad(self) -> None:
+        for bucket in self._buckets:
+            bucket.buffer.zero_()
+            bucket.ready = 0
+            bucket.work = None
+        for grad, _ in self._grad_copies:
+            grad.zero_()
+
+    # -- checkpoints ----------------------------------------------------------------
+
+    def checkpoint_shards(self) -> list[TensorShard]:
+        if self._comm.rank != 0:  # replicated state: one writer is enough
+            return []
+        return master_shards(self._segments) + optimizer_state_shards(self.optimizer, self._segments)
+
+    def load_checkpoint(self, reader: CheckpointReader) -> None:
+        load_masters(reader, self._segments)
+        if self._masters is not self._params:
+            with torch.no_grad():
+                torch._foreach_copy_(self._params, self._masters)
+        load_optimizer_state(self.optimizer, reader, self._segments)
+
+    def state_bytes(self) -> dict[str, int]:
+        param_bytes = sum(p.numel() * p.element_size() for p in self._params)
+        if self._masters is not self._params:
+            param_bytes += sum(m.numel() * m.element_size() for m in self._masters)
+        grad_bytes = sum(b.buffer.numel() * b.buffer.element_size() for b in self._buckets)
+        state_bytes = sum(
+            t.numel() * t.element_size()
+            for state in self.optimizer.state.values()
+            for t in state.values()
+            if isinstance(t, torch.Tensor)
+        )
+        return {"params": param_bytes, "gradients": grad_bytes, "optimizer": state_bytes}
+
+
+def data_parallel_factory(context: PartitionContext) -> Partitioner:
+    """Registered as ``"data_parallel"`` by core's builtin plugin."""
+    return DataParallelPartitioner(context)

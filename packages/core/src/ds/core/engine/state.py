@@ -1,0 +1,111 @@
+"""Saving and restoring an engine through the universal checkpoint format.
+
+Tensors go through the partitioner (model weights and optimizer state under global
+names) plus each rank's RNG states; everything else (counters, scheduler, loss scaler,
+optimizer hyper-parameters, client state) is JSON metadata. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ds.core.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from ds.core.engine.engine import Engine
+
+FORMAT = "ds-engine/1"
+
+
+def _rank_prefix(rank: int) -> str:
+    return f"rank/{rank:05d}/"
+
+
+def _rng_shards(rank: int) -> list[Any]:
+    from ds.core.checkpoint import TensorShard, rng_state
+
+    tensors, meta = rng_state()
+    prefix = _rank_prefix(rank)
+    shards = [TensorShard(f"{prefix}rng/{k}", tuple(v.shape), v.reshape(-1), 0) for k, v in tensors.items()]
+    encoded = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
+    shards.append(TensorShard(f"{prefix}rng_meta", (encoded.numel(),), encoded, 0))
+    return shards
+
+
+def _optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    groups = []
+    for group in optimizer.param_groups:
+        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()
+                       if k != "params" and isinstance(v, (int, float, bool, str, tuple, list, type(None)))})
+    return groups
+
+
+def save_engine_checkpoint(engine: Engine, directory: Path, tag: str | None, client_state: dict[str, Any]) -> Path:
+    from ds.core.checkpoint import save_checkpoint
+
+    try:
+        json.dumps(client_state)
+    except TypeError as exc:
+        raise CheckpointError(
+            f"client_state must be JSON-serialisable (checkpoints never pickle): {exc}. "
+            "Convert tensors to lists or save them in your own safetensors file."
+        ) from exc
+    tag = tag or f"global_step{engine.global_steps}"
+    scheduler = engine.lr_scheduler
+    metadata = {
+        "format": FORMAT,
+        "partitioner": engine.partitioner_name,
+        "world_size": engine.comm.world_size,
+        "dp_size": engine.mesh.dp_size,
+        "counters": {
+            "global_steps": engine.global_steps,
+            "global_samples": engine.global_samples,
+            "micro_steps": engine.micro_steps,
+            "skipped_steps": engine.skipped_steps,
+        },
+        "loss_scaler": engine.loss_scaler.state_dict(),
+        "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "optimizer_param_groups": _optimizer_hyperparameters(engine.optimizer),
+        "client_state": client_state,
+        "config": engine.config.raw,
+    }
+    shards = engine.partitioner.checkpoint_shards() + _rng_shards(engine.comm.rank)
+    return save_checkpoint(
+        directory,
+        tag,
+        shards=shards,
+        metadata=metadata,
+        rank=engine.comm.rank,
+        world_size=engine.comm.world_size,
+        barrier=engine.comm.barrier,
+    )
+
+
+def load_engine_checkpoint(engine: Engine, directory: Path, tag: str | None) -> tuple[Path, dict[str, Any]]:
+    from ds.core.checkpoint import CheckpointReader, restore_rng_state
+
+    reader = CheckpointReader(directory, tag)
+    meta = reader.metadata
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{reader.path} is not a ds engine checkpoint (format {meta.get('format')!r}, expected {FORMAT!r}).")
+    engine.partitioner.load_checkpoint(reader)
+    groups = meta["optimizer_param_groups"]
+    if len(groups) == len(engine.optimizer.param_groups):
+        for group, saved in zip(engine.optimizer.param_groups, groups, strict=True):
+            group.update({k: (tuple(v) if isinstance(group.get(k), tuple) else v) for k, v in saved.items()})
+    if engine.lr_scheduler is not None and meta["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    engine.loss_scaler.load_state_dict(meta["loss_scaler"])
+    for key, value in meta["counters"].items():
+        setattr(engine, key, value)
+    prefix = _rank_prefix(engine.comm.rank)
+    names = [n for n in reader.names() if n.startswith(prefix + "rng/")]
+    if names and meta["world_size"] == engine.comm.world_size:
+        tensors = {n[len(prefix + "rng/"):]: reader.read_full(n) for n in names}
+        rng_meta = json.loads(bytes(reader.read_full(prefix + "rng_meta").tolist()).decode())
+        restore_rng_state(tensors, rng_meta)
+    return reader.path, meta["client_state"]

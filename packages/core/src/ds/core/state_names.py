@@ -1,0 +1,132 @@
+"""How training state maps onto the names of a universal checkpoint.
+
+Every partitioner describes what it holds as :class:`Segment` objects: "elements
+[start, start+numel) of this master tensor are elements [flat_offset, flat_offset+numel)
+of the flattened parameter ``name``". Plain data parallelism has one whole segment per
+parameter; ZeRO's flat partitions cut parameters into arbitrary ranges. Writing and
+reading through segments is what lets a checkpoint saved under one layout load under
+any other: the names are the model's parameter names, never rank-local indices.
+
+Names: ``model/<fqn>`` (fp32 master weights) and ``optimizer/<fqn>/<state key>``.
+Optimizer state with one value per parameter (Adam's ``step``) is stored once, by the
+segment that starts the parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from ds.core.checkpoint import CheckpointReader, TensorShard
+
+MODEL_PREFIX = "model/"
+OPTIMIZER_PREFIX = "optimizer/"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous piece of one parameter held inside one master tensor."""
+
+    name: str
+    global_shape: tuple[int, ...]
+    flat_offset: int
+    master: torch.Tensor
+    start: int
+    numel: int
+
+
+def named_trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters by fully qualified name; tied weights appear once."""
+    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+
+
+def whole_segments(names: list[str], masters: list[torch.Tensor]) -> list[Segment]:
+    """One segment per parameter, for layouts that keep parameters whole."""
+    return [
+        Segment(name, tuple(master.shape), 0, master, 0, master.numel())
+        for name, master in zip(names, masters, strict=True)
+    ]
+
+
+def _is_per_element(value: torch.Tensor, master: torch.Tensor) -> bool:
+    return value.numel() == master.numel() and (value.dim() > 0 or master.dim() == 0)
+
+
+def master_shards(segments: list[Segment]) -> list[TensorShard]:
+    from ds.core.checkpoint import TensorShard
+
+    return [
+        TensorShard(
+            MODEL_PREFIX + s.name,
+            s.global_shape,
+            s.master.detach().reshape(-1)[s.start : s.start + s.numel].float(),
+            s.flat_offset,
+        )
+        for s in segments
+    ]
+
+
+def optimizer_state_shards(optimizer: torch.optim.Optimizer, segments: list[Segment]) -> list[TensorShard]:
+    from ds.core.checkpoint import TensorShard
+
+    shards = []
+    for seg in segments:
+        state = optimizer.state.get(seg.master, {})
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value, dtype=torch.float64)
+            name = f"{OPTIMIZER_PREFIX}{seg.name}/{key}"
+            if _is_per_element(value, seg.master):
+                flat = value.detach().reshape(-1)[seg.start : seg.start + seg.numel]
+                shards.append(TensorShard(name, seg.global_shape, flat, seg.flat_offset))
+            elif seg.flat_offset == 0:
+                shards.append(TensorShard(name, tuple(value.shape), value.detach().reshape(-1), 0))
+    return shards
+
+
+def load_masters(reader: CheckpointReader, segments: list[Segment]) -> None:
+    with torch.no_grad():
+        for seg in segments:
+            values = reader.read(MODEL_PREFIX + seg.name, seg.flat_offset, seg.flat_offset + seg.numel)
+            target = seg.master.view(-1)[seg.start : seg.start + seg.numel]
+            target.copy_(values.to(target.dtype))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, reader: CheckpointReader, segments: list[Segment]) -> None:
+    """Fill optimizer state for every master from whatever layout wrote the checkpoint."""
+    names = reader.names()
+    keys_of: dict[str, list[str]] = {}
+    for full in names:
+        if full.startswith(OPTIMIZER_PREFIX):
+            param, _, key = full[len(OPTIMIZER_PREFIX) :].rpartition("/")
+            keys_of.setdefault(param, []).append(key)
+    loaded: dict[int, dict[str, torch.Tensor]] = {}
+    with torch.no_grad():
+        for seg in segments:
+            state = loaded.setdefault(id(seg.master), {})
+            for key in keys_of.get(seg.name, []):
+                name = f"{OPTIMIZER_PREFIX}{seg.name}/{key}"
+                shape = tuple(reader.global_shape(name))
+                if shape == seg.global_shape and (len(shape) > 0 or seg.master.dim() == 0):
+                    if key not in state:
+                        state[key] = torch.zeros_like(seg.master, dtype=reader.dtype(name))
+                    values = reader.read(name, seg.flat_offset, seg.flat_offset + seg.numel)
+                    state[key].view(-1)[seg.start : seg.start + seg.numel].copy_(values)
+                else:
+                    state[key] = reader.read_full(name).to(seg.master.device)
+    for master in {id(s.master): s.master for s in segments}.values():
+        if loaded.get(id(master)):
+            optimizer.state[master] = _match_step_dtype(optimizer, loaded[id(master)])
+
+
+def _match_step_dtype(optimizer: torch.optim.Optimizer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # torch's Adam family keeps ``step`` as a float32 tensor; a float64 value written for
+    # a Python-number step must come back as the type that optimizer expects.
+    step = state.get("step")
+    if step is not None and step.dtype == torch.float64 and type(optimizer).__module__.startswith("torch.optim"):
+        state["step"] = step.to(torch.float32)
+    return state
