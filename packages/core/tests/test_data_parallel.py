@@ -9,11 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-from parity_model import global_batches, make_model, rank_micro_batches, reference_run
 
-import ds.core
 from ds.core.testing import run_distributed
+from ds.core.testing.parity import make_model, reference_run, train_rank
 
 STEPS = 20
 RTOL = 1e-5
@@ -31,23 +29,6 @@ def _config(world: int, gas: int, clip: float, scheduler: dict[str, Any] | None)
     if scheduler is not None:
         config["scheduler"] = scheduler
     return config
-
-
-def _train_rank(config: dict[str, Any], steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    engine, _, _, _ = ds.core.initialize(model=make_model(), config=config)
-    rank, dp = dist.get_rank(), dist.get_world_size()
-    gas = engine.gradient_accumulation_steps
-    losses = []
-    for batch in global_batches(steps, engine.config.train_batch_size):
-        window = torch.zeros(())
-        for micro in rank_micro_batches(batch, rank, dp, gas):
-            loss = engine(micro)
-            engine.backward(loss)
-            engine.step()
-            window += loss.detach() / gas
-        dist.all_reduce(window)
-        losses.append(window.item() / dp)
-    return losses, {n: p.detach().clone() for n, p in engine.module.named_parameters()}
 
 
 SCHEDULERS = {
@@ -74,7 +55,7 @@ CASES = [
 def test_data_parallel_matches_single_process(world: int, gas: int, clip: float, scheduler: str) -> None:
     config = _config(world, gas, clip, SCHEDULERS[scheduler])
     ref_losses, ref_params = reference_run(config, STEPS)
-    results = run_distributed(_train_rank, world, config, STEPS)
+    results = run_distributed(train_rank, world, config, STEPS)
     for losses, params in results:
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=RTOL, atol=1e-7)
         for name, ref in ref_params.items():

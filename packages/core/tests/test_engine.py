@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from parity_model import SEQ, VOCAB, make_model
 
 import ds.core
 from ds.core.errors import CheckpointError, ConfigError
 from ds.core.testing import run_distributed
+from ds.core.testing.parity import SEQ, VOCAB, make_model
 
 
 def _config(**overrides: Any) -> dict[str, Any]:

@@ -193,6 +193,9 @@ class DataParallelPartitioner(Partitioner):
                 torch._foreach_copy_(self._params, self._masters)
         load_optimizer_state(self.optimizer, reader, self._segments)
 
+    def gather_full_parameters(self) -> dict[str, torch.Tensor]:
+        return {name: master.detach().clone() for (name, _), master in zip(self._named, self._masters, strict=True)}
+
     def state_bytes(self) -> dict[str, int]:
         param_bytes = sum(p.numel() * p.element_size() for p in self._params)
         if self._masters is not self._params:

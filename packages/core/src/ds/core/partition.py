@@ -131,6 +131,14 @@ class Partitioner(ABC):
     def load_checkpoint(self, reader: CheckpointReader) -> None:
         """Read the slices this rank owns, whatever layout wrote them."""
 
+    @abstractmethod
+    def gather_full_parameters(self) -> dict[str, torch.Tensor]:
+        """Every trainable parameter whole, in master dtype, by name, on every rank.
+
+        A collective: all ranks must call it. Used for exports and parity tests, never
+        on the training path.
+        """
+
     def state_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for ``params``, ``gradients`` and ``optimizer`` state."""
         raise NotImplementedError(f"{type(self).__name__} does not report its memory")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 if TYPE_CHECKING:
     from ds.core.checkpoint import CheckpointReader, TensorShard
@@ -37,6 +38,19 @@ class Segment:
     master: torch.Tensor
     start: int
     numel: int
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The rank-local part of a DTensor (FSDP-sharded state), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _like_master(values: torch.Tensor, master: torch.Tensor) -> torch.Tensor:
+    """Wrap rank-local optimizer state like its (possibly DTensor) master."""
+    if isinstance(master, DTensor):
+        return DTensor.from_local(values, master.device_mesh, master.placements, run_check=False,
+                                  shape=master.shape, stride=master.stride())
+    return values
 
 
 def named_trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -63,7 +77,7 @@ def master_shards(segments: list[Segment]) -> list[TensorShard]:
         TensorShard(
             MODEL_PREFIX + s.name,
             s.global_shape,
-            s.master.detach().reshape(-1)[s.start : s.start + s.numel].float(),
+            local(s.master).detach().reshape(-1)[s.start : s.start + s.numel].float(),
             s.flat_offset,
         )
         for s in segments
@@ -79,8 +93,9 @@ def optimizer_state_shards(optimizer: torch.optim.Optimizer, segments: list[Segm
         for key, value in state.items():
             if not isinstance(value, torch.Tensor):
                 value = torch.tensor(value, dtype=torch.float64)
+            value = local(value)
             name = f"{OPTIMIZER_PREFIX}{seg.name}/{key}"
-            if _is_per_element(value, seg.master):
+            if _is_per_element(value, local(seg.master)):
                 flat = value.detach().reshape(-1)[seg.start : seg.start + seg.numel]
                 shards.append(TensorShard(name, seg.global_shape, flat, seg.flat_offset))
             elif seg.flat_offset == 0:
@@ -92,7 +107,7 @@ def load_masters(reader: CheckpointReader, segments: list[Segment]) -> None:
     with torch.no_grad():
         for seg in segments:
             values = reader.read(MODEL_PREFIX + seg.name, seg.flat_offset, seg.flat_offset + seg.numel)
-            target = seg.master.view(-1)[seg.start : seg.start + seg.numel]
+            target = local(seg.master).view(-1)[seg.start : seg.start + seg.numel]
             target.copy_(values.to(target.dtype))
 
 
@@ -113,14 +128,16 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, reader: CheckpointRea
                 shape = tuple(reader.global_shape(name))
                 if shape == seg.global_shape and (len(shape) > 0 or seg.master.dim() == 0):
                     if key not in state:
-                        state[key] = torch.zeros_like(seg.master, dtype=reader.dtype(name))
+                        state[key] = torch.zeros_like(local(seg.master), dtype=reader.dtype(name))
                     values = reader.read(name, seg.flat_offset, seg.flat_offset + seg.numel)
                     state[key].view(-1)[seg.start : seg.start + seg.numel].copy_(values)
                 else:
-                    state[key] = reader.read_full(name).to(seg.master.device)
+                    state[key] = reader.read_full(name).to(local(seg.master).device)
     for master in {id(s.master): s.master for s in segments}.values():
         if loaded.get(id(master)):
-            optimizer.state[master] = _match_step_dtype(optimizer, loaded[id(master)])
+            state = {k: _like_master(v, master) if v.shape == local(master).shape and v.dim() > 0 else v
+                     for k, v in loaded[id(master)].items()}
+            optimizer.state[master] = _match_step_dtype(optimizer, state)
 
 
 def _match_step_dtype(optimizer: torch.optim.Optimizer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""A tiny causal language model and a plain-torch reference trainer for parity tests.
+"""A tiny causal language model, a plain-torch reference trainer and the matching
+distributed run, for the parity tests of every partitioner.
 
 The attention key projection has no bias on purpose: a key bias adds the same value to
 every score of a query, softmax cancels it, its true gradient is zero, and Adam turns
@@ -77,3 +78,28 @@ def reference_run(config: dict[str, Any], steps: int) -> tuple[list[float], dict
             scheduler.step()
         losses.append(loss.item())
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def train_rank(config: dict[str, Any], steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Train with ``ds.core.initialize`` on this rank's share of the same global batches.
+
+    Returns the global mean loss per step and the full parameters afterwards.
+    """
+    import torch.distributed as dist
+
+    import ds.core
+
+    engine, _, _, _ = ds.core.initialize(model=make_model(), config=config)
+    rank, dp = dist.get_rank(), dist.get_world_size()
+    gas = engine.gradient_accumulation_steps
+    losses = []
+    for batch in global_batches(steps, engine.config.train_batch_size):
+        window = torch.zeros(())
+        for micro in rank_micro_batches(batch, rank, dp, gas):
+            loss = engine(micro)
+            engine.backward(loss)
+            engine.step()
+            window += loss.detach().float() / gas
+        dist.all_reduce(window)
+        losses.append(window.item() / dp)
+    return losses, engine.partitioner.gather_full_parameters()

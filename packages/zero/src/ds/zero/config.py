@@ -1,0 +1,105 @@
+"""The ``zero_optimization`` config section, with DeepSpeed's keys, defaults and meaning.
+
+Values ds accepts but does not implement yet (CPU/NVMe offload, ZeRO++ quantized
+collectives, hierarchical partitioning, MiCS) are rejected when the config loads, with
+the key named, never silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
+
+from ds.core.config.auto import AutoContext, AutoResolve
+from ds.core.config.base import SectionModel, warn_renamed
+
+
+def _hidden_squared(scale: float, fallback: int) -> AutoResolve:
+    """DeepSpeed/HF "auto" bucket sizes scale with the model's hidden size."""
+
+    def resolve(context: AutoContext) -> int:
+        return int(scale * context.hidden_size**2) if context.hidden_size else fallback
+
+    return AutoResolve(resolve)
+
+
+def _persistence(context: AutoContext) -> int:
+    return 10 * context.hidden_size if context.hidden_size else 100_000
+
+
+class OffloadConfig(SectionModel):
+    """``offload_optimizer`` / ``offload_param``: where state lives between uses."""
+
+    device: Literal["none", "cpu", "nvme"] = "none"
+    nvme_path: str | None = None
+    pin_memory: bool = False
+    buffer_count: PositiveInt = 4
+    buffer_size: PositiveInt = 100_000_000
+    max_in_cpu: NonNegativeInt = 1_000_000_000
+    fast_init: bool = False
+    ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class ZeroConfig(SectionModel):
+    """DeepSpeed's ``zero_optimization``; ``stage`` 0 is plain data parallelism."""
+
+    stage: Annotated[int, Field(ge=0, le=3)] = 0
+    contiguous_gradients: bool = True
+    overlap_comm: bool = True
+    reduce_scatter: bool = True
+    reduce_bucket_size: Annotated[PositiveInt, _hidden_squared(1.0, 500_000_000)] = 500_000_000
+    allgather_partitions: bool = True
+    allgather_bucket_size: PositiveInt = 500_000_000
+    stage3_prefetch_bucket_size: Annotated[PositiveInt, _hidden_squared(0.9, 50_000_000)] = 50_000_000
+    stage3_param_persistence_threshold: Annotated[NonNegativeInt, AutoResolve(_persistence)] = 100_000
+    stage3_max_live_parameters: PositiveInt = 1_000_000_000
+    stage3_max_reuse_distance: NonNegativeInt = 1_000_000_000
+    stage3_gather_16bit_weights_on_model_save: bool = False
+    sub_group_size: PositiveInt = 1_000_000_000
+    round_robin_gradients: bool = False
+    ignore_unused_parameters: bool = True
+    offload_optimizer: OffloadConfig = Field(default_factory=OffloadConfig)
+    offload_param: OffloadConfig = Field(default_factory=OffloadConfig)
+    zero_hpz_partition_size: PositiveInt = 1
+    zero_quantized_weights: bool = False
+    zero_quantized_gradients: bool = False
+    mics_shard_size: int = -1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cpu_offload(cls, data: Any) -> Any:
+        # DeepSpeed's old boolean spelling of optimizer offload.
+        if isinstance(data, dict) and "cpu_offload" in data:
+            data = dict(data)
+            enabled = data.pop("cpu_offload")
+            warn_renamed("zero_optimization.cpu_offload", "zero_optimization.offload_optimizer.device")
+            if enabled:
+                data.setdefault("offload_optimizer", {"device": "cpu"})
+        return data
+
+    @model_validator(mode="after")
+    def _not_yet(self) -> ZeroConfig:
+        unsupported = {
+            "offload_optimizer.device": self.offload_optimizer.device != "none",
+            "offload_param.device": self.offload_param.device != "none",
+            "zero_hpz_partition_size": self.zero_hpz_partition_size > 1,
+            "zero_quantized_weights": self.zero_quantized_weights,
+            "zero_quantized_gradients": self.zero_quantized_gradients,
+            "mics_shard_size": self.mics_shard_size > 0,
+            "reduce_scatter": not self.reduce_scatter,
+        }
+        for key, asked in unsupported.items():
+            if asked:
+                raise ValueError(
+                    f"zero_optimization.{key} is not supported by this version of ds-zero yet; "
+                    "remove it (or set it to its default) to train without it."
+                )
+        if self.offload_param.device != "none" and self.stage != 3:
+            raise ValueError("zero_optimization.offload_param needs stage 3; set stage to 3 or remove offload_param.")
+        return self

@@ -1,0 +1,95 @@
+"""Parameters packed into one flat buffer of which every data-parallel rank owns a slice.
+
+ZeRO stages 1 and 2 keep full compute-dtype parameters on every rank but split the
+fp32 master weights, optimizer state (and for stage 2 the gradients) evenly. Packing a
+bucket of parameters into one flat buffer padded to a multiple of the group size makes
+each rank's slice contiguous, so gradient reduction is one reduce-scatter and the
+parameter refresh after the step is one all-gather per bucket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ds.core.state_names import Segment
+
+
+class FlatGroup:
+    """One bucket: full params as views of ``full``; this rank's fp32 ``master`` slice."""
+
+    def __init__(
+        self,
+        named_params: list[tuple[str, nn.Parameter]],
+        *,
+        world: int,
+        rank: int,
+        param_dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.names = [name for name, _ in named_params]
+        self.params = [p for _, p in named_params]
+        self.offsets: list[int] = []
+        numel = 0
+        for p in self.params:
+            self.offsets.append(numel)
+            numel += p.numel()
+        self.numel = numel
+        self.shard_numel = -(-numel // world)
+        self.padded_numel = self.shard_numel * world
+        self.rank = rank
+        self.lo = rank * self.shard_numel
+        self.hi = self.lo + self.shard_numel
+        self.full = torch.zeros(self.padded_numel, dtype=param_dtype, device=device)
+        with torch.no_grad():
+            for p, offset in zip(self.params, self.offsets, strict=True):
+                view = self.full[offset : offset + p.numel()].view_as(p)
+                view.copy_(p.detach())
+                p.data = view
+        self.master = self.full[self.lo : self.hi].detach().float().clone()
+        self.segments = list(self._segments())
+
+    def _segments(self) -> Iterator[Segment]:
+        for name, p, offset in zip(self.names, self.params, self.offsets, strict=True):
+            start, stop = max(offset, self.lo), min(offset + p.numel(), self.hi)
+            if start < stop:
+                yield Segment(name, tuple(p.shape), start - offset, self.master, start - self.lo, stop - start)
+
+    def param_views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a full-size flat ``buffer`` shaped like each parameter."""
+        return [buffer[o : o + p.numel()].view_as(p) for p, o in zip(self.params, self.offsets, strict=True)]
+
+    def refresh_owned_slice(self) -> torch.Tensor:
+        """This rank's updated master slice in compute dtype, ready to all-gather."""
+        return self.master.detach().to(self.full.dtype)
+
+    def __contains__(self, param: object) -> bool:
+        return any(param is p for p in self.params)
+
+
+def build_flat_groups(
+    named_params: list[tuple[str, nn.Parameter]],
+    *,
+    bucket_numel: int,
+    world: int,
+    rank: int,
+    param_dtype: torch.dtype,
+    device: torch.device,
+) -> list[FlatGroup]:
+    """Cut parameters (in reverse registration order, the order backward produces
+    gradients) into buckets of about ``bucket_numel`` elements."""
+    buckets: list[list[tuple[str, nn.Parameter]]] = [[]]
+    filled = 0
+    for name, param in reversed(named_params):
+        if buckets[-1] and filled + param.numel() > bucket_numel:
+            buckets.append([])
+            filled = 0
+        buckets[-1].append((name, param))
+        filled += param.numel()
+    return [
+        FlatGroup(bucket, world=world, rank=rank, param_dtype=param_dtype, device=device)
+        for bucket in buckets
+        if bucket
+    ]

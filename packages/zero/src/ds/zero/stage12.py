@@ -1,0 +1,208 @@
+"""ZeRO stages 1 and 2: sharded optimizer state (1) and sharded gradients (2).
+
+Both keep full compute-dtype parameters on every rank, so forward and backward need no
+parameter communication. Per bucket (:class:`~ds.zero.flat_group.FlatGroup`):
+
+* stage 1 accumulates full gradients locally over an accumulation window and
+  reduce-scatters each bucket once, at the window's last backward, as soon as the
+  bucket's last gradient is ready (overlapping the rest of backward);
+* stage 2 reduce-scatters every micro-step into this rank's gradient slice and frees
+  the full bucket, so only ``1/N`` of the gradients stay resident.
+
+After the optimizer updates this rank's fp32 master slice, one all-gather per bucket
+refreshes everybody's compute-dtype parameters.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from ds.core.partition import PartitionContext, Partitioner
+from ds.core.state_names import (
+    load_masters,
+    load_optimizer_state,
+    master_shards,
+    named_trainable_parameters,
+    optimizer_state_shards,
+)
+from ds.zero.flat_group import FlatGroup, build_flat_groups
+
+if TYPE_CHECKING:
+    from ds.core.checkpoint import CheckpointReader, TensorShard
+    from ds.zero.config import ZeroConfig
+
+
+class _BucketState:
+    """Gradient bookkeeping of one flat group during a backward."""
+
+    def __init__(self, group: FlatGroup, reduce_dtype: torch.dtype) -> None:
+        self.group = group
+        self.ready = 0
+        self.full_grad: torch.Tensor | None = None
+        self.views: list[torch.Tensor] = []
+        self.shard_grad = torch.zeros(group.shard_numel, dtype=reduce_dtype, device=group.full.device)
+        self.pending: tuple[Any, torch.Tensor, torch.Tensor] | None = None
+
+    def allocate(self) -> None:
+        self.full_grad = torch.zeros(self.group.padded_numel, dtype=self.shard_grad.dtype, device=self.shard_grad.device)
+        self.views = self.group.param_views(self.full_grad)
+
+
+class ShardedOptimizerPartitioner(Partitioner):
+    """ZeRO stage 1 (``shard_gradients=False``) or stage 2 (``True``)."""
+
+    def __init__(self, context: PartitionContext, zero: ZeroConfig, *, shard_gradients: bool) -> None:
+        self._comm = context.comm
+        self._group = context.mesh.group("dp")
+        self._world = context.mesh.size("dp")
+        self._shard_gradients = shard_gradients
+        precision = context.precision
+        self._reduce_dtype = precision.reduce_dtype
+        self.module = context.module.to(device=context.device, dtype=precision.param_dtype)
+        named = named_trainable_parameters(self.module)
+        self._broadcast_from_rank0(named)
+        rank = self._comm_rank()
+        owned_groups: dict[int, list[FlatGroup]] = {}
+        self._groups: list[FlatGroup] = []
+        for index, user_group in enumerate(context.param_groups or [{"params": [p for _, p in named]}]):
+            members = {id(p) for p in user_group["params"]}
+            groups = build_flat_groups(
+                [(n, p) for n, p in named if id(p) in members],
+                bucket_numel=int(zero.reduce_bucket_size),
+                world=self._world,
+                rank=rank,
+                param_dtype=precision.param_dtype,
+                device=context.device,
+            )
+            owned_groups[index] = groups
+            self._groups.extend(groups)
+        self._buckets = [_BucketState(g, self._reduce_dtype) for g in self._groups]
+        self._bucket_of = {id(p): (b, i) for b in self._buckets for i, p in enumerate(b.group.params)}
+        if not shard_gradients:
+            for bucket in self._buckets:
+                bucket.allocate()
+        self._sync_enabled = True
+        user_groups = context.param_groups or [{"params": [p for _, p in named]}]
+        self.optimizer = context.make_optimizer(
+            [{**g, "params": [fg.master for fg in owned_groups[i]]} for i, g in enumerate(user_groups)]
+        )
+        self._segments = [s for g in self._groups for s in g.segments]
+        self.gradient_norm_group = self._group
+        for _, param in named:
+            param.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    def _comm_rank(self) -> int:
+        return dist.get_rank(self._group)
+
+    def _broadcast_from_rank0(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
+        if self._world == 1:
+            return
+        src = dist.get_global_rank(self._group, 0)
+        with torch.no_grad():
+            for tensor in [p for _, p in named] + list(self.module.buffers()):
+                self._comm.broadcast(tensor.data, src=src, group=self._group)
+
+    # -- gradients --------------------------------------------------------------------
+
+    def _on_grad_ready(self, param: torch.Tensor) -> None:
+        bucket, index = self._bucket_of[id(param)]
+        if bucket.full_grad is None:
+            bucket.allocate()
+        bucket.views[index].add_(param.grad)
+        param.grad = None
+        if self._shard_gradients or self._sync_enabled:
+            bucket.ready += 1
+            if bucket.ready == len(bucket.group.params):
+                self._launch(bucket)
+
+    def _launch(self, bucket: _BucketState) -> None:
+        assert bucket.full_grad is not None
+        out = torch.empty_like(bucket.shard_grad)
+        work = self._comm.reduce_scatter_tensor(out, bucket.full_grad, group=self._group, async_op=True)
+        bucket.pending = (work, out, bucket.full_grad)
+        bucket.ready = 0
+
+    def _drain(self, bucket: _BucketState) -> None:
+        if bucket.pending is None:
+            return
+        work, out, _ = bucket.pending
+        self._comm.wait(work)
+        bucket.shard_grad.add_(out)
+        bucket.pending = None
+        if self._shard_gradients:
+            bucket.full_grad, bucket.views = None, []
+        else:
+            bucket.full_grad.zero_()
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        # Stage 2 reduces every micro-step; finish the previous micro-step's reductions
+        # before this backward produces new gradients.
+        for bucket in self._buckets:
+            self._drain(bucket)
+        self._sync_enabled = enabled
+
+    def finish_gradient_sync(self) -> None:
+        for bucket in self._buckets:
+            if bucket.pending is None and bucket.full_grad is not None and (bucket.ready or not self._shard_gradients):
+                self._launch(bucket)  # buckets with unused parameters never completed
+        for bucket in self._buckets:
+            self._drain(bucket)
+            bucket.shard_grad.div_(self._world)
+            master = bucket.group.master
+            master.grad = bucket.shard_grad if bucket.shard_grad.dtype == master.dtype else bucket.shard_grad.float()
+
+    def owned_gradients(self) -> list[torch.Tensor]:
+        return [b.group.master.grad for b in self._buckets if b.group.master.grad is not None]
+
+    # -- step -------------------------------------------------------------------------
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self._all_gather_params()
+
+    def _all_gather_params(self) -> None:
+        works = [
+            self._comm.all_gather_into_tensor(g.full, g.refresh_owned_slice(), group=self._group, async_op=True)
+            for g in self._groups
+        ]
+        for work in works:
+            self._comm.wait(work)
+
+    def zero_grad(self) -> None:
+        for bucket in self._buckets:
+            bucket.shard_grad.zero_()
+            bucket.ready = 0
+            bucket.group.master.grad = None
+            if bucket.full_grad is not None:
+                bucket.full_grad.zero_()
+
+    # -- checkpoints and accounting ---------------------------------------------------------
+
+    def checkpoint_shards(self) -> list[TensorShard]:
+        return master_shards(self._segments) + optimizer_state_shards(self.optimizer, self._segments)
+
+    def load_checkpoint(self, reader: CheckpointReader) -> None:
+        load_masters(reader, self._segments)
+        load_optimizer_state(self.optimizer, reader, self._segments)
+        self._all_gather_params()
+
+    def gather_full_parameters(self) -> dict[str, torch.Tensor]:
+        result = {}
+        for group in self._groups:
+            full = torch.empty(group.padded_numel, dtype=group.master.dtype, device=group.master.device)
+            self._comm.wait(self._comm.all_gather_into_tensor(full, group.master.detach(), group=self._group, async_op=True))
+            for name, view in zip(group.names, group.param_views(full), strict=True):
+                result[name] = view.clone()
+        return result
+
+    def state_bytes(self) -> dict[str, int]:
+        def nbytes(t: torch.Tensor | None) -> int:
+            return 0 if t is None else t.numel() * t.element_size()
+
+        params = sum(nbytes(g.full) + nbytes(g.master) for g in self._groups)
+        grads = sum(nbytes(b.shard_grad) + nbytes(b.full_grad) for b in self._buckets)
+        state = sum(nbytes(v) for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+        return {"params": params, "gradients": grads, "optimizer": state}
