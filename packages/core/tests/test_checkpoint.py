@@ -27,7 +27,9 @@ def reference_tensors() -> dict[str, torch.Tensor]:
         "model/half": torch.randn(11, generator=gen).to(torch.float16),
         "model/scalar": torch.randn((), generator=gen),
         "model/empty": torch.empty(0, 3),
-        "optimizer/dense.weight/step": torch.randint(-(2**62), 2**62, (6, 2), generator=gen, dtype=torch.int64),
+        "optimizer/dense.weight/step": torch.randint(
+            -(2**62), 2**62, (6, 2), generator=gen, dtype=torch.int64
+        ),
     }
 
 
@@ -82,7 +84,8 @@ def read_own_ranges(directory: str) -> dict[str, torch.Tensor]:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     with CheckpointReader(directory) as reader:
         return {
-            name: reader.read(name, *even_ranges(reader.numel(name), world_size)[rank]) for name in reader.names()
+            name: reader.read(name, *even_ranges(reader.numel(name), world_size)[rank])
+            for name in reader.names()
         }
 
 
@@ -112,7 +115,9 @@ def assert_bit_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_uneven_slices_from_many_ranks_read_back_whole_and_by_any_range(tmp_path: Path, world_size: int) -> None:
+def test_uneven_slices_from_many_ranks_read_back_whole_and_by_any_range(
+    tmp_path: Path, world_size: int
+) -> None:
     plan = uneven_plan(world_size, seed=world_size)
     paths = run_distributed(save_on_ranks, world_size, str(tmp_path), "step7", plan)
 
@@ -125,7 +130,9 @@ def test_uneven_slices_from_many_ranks_read_back_whole_and_by_any_range(tmp_path
         assert reader.tag == "step7"
         assert reader.world_size == world_size
         assert reader.metadata == {"step": 7, "betas": [0.9, 0.999], "note": "written by rank 0"}
-        assert [reader.rank_metadata(r) for r in range(world_size)] == [{"rank": r} for r in range(world_size)]
+        assert [reader.rank_metadata(r) for r in range(world_size)] == [
+            {"rank": r} for r in range(world_size)
+        ]
         assert sorted(reader.names()) == sorted(expected)
         for name, tensor in expected.items():
             assert reader.global_shape(name) == tuple(tensor.shape)
@@ -146,7 +153,9 @@ def test_checkpoint_of_four_ranks_loads_as_two_ranks_slices(tmp_path: Path) -> N
         assert_bit_exact(torch.cat([per_rank[0][name], per_rank[1][name]]), tensor.reshape(-1))
 
 
-def test_gaps_overlaps_and_bad_metadata_fail_on_every_rank_and_keep_the_last_checkpoint(tmp_path: Path) -> None:
+def test_gaps_overlaps_and_bad_metadata_fail_on_every_rank_and_keep_the_last_checkpoint(
+    tmp_path: Path,
+) -> None:
     good = uneven_plan(2, seed=5)
     run_distributed(save_on_ranks, 2, str(tmp_path), "good", good)
     gap = {0: [("model/dense.weight", 0, 10)], 1: [("model/dense.weight", 12, 35)]}
@@ -154,7 +163,9 @@ def test_gaps_overlaps_and_bad_metadata_fail_on_every_rank_and_keep_the_last_che
 
     gap_errors = run_distributed(save_expecting_error, 2, str(tmp_path), "bad", gap, {})
     overlap_errors = run_distributed(save_expecting_error, 2, str(tmp_path), "bad", overlap, {})
-    metadata_errors = run_distributed(save_expecting_error, 2, str(tmp_path), "bad", good, {"lr": torch.ones(1)})
+    metadata_errors = run_distributed(
+        save_expecting_error, 2, str(tmp_path), "bad", good, {"lr": torch.ones(1)}
+    )
 
     assert all("'model/dense.weight': gap, elements [10, 12) are in no shard" in e for e in gap_errors)
     assert all(
@@ -173,7 +184,9 @@ def test_gaps_overlaps_and_bad_metadata_fail_on_every_rank_and_keep_the_last_che
 def test_checkpoint_holds_only_safetensors_and_json(tmp_path: Path) -> None:
     plan = {0: [(name, 0, t.numel()) for name, t in reference_tensors().items()]}
     for tag in ("a", "b", "a"):
-        save_checkpoint(tmp_path, tag, shards=shards_for(0, plan), metadata={}, rank=0, world_size=1, barrier=lambda: None)
+        save_checkpoint(
+            tmp_path, tag, shards=shards_for(0, plan), metadata={}, rank=0, world_size=1, barrier=lambda: None
+        )
 
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
 

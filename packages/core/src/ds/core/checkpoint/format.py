@@ -33,6 +33,8 @@ from ds.core.errors import CheckpointError
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 LATEST_FILE = "latest"
+TEMP_PREFIX = ".tmp-"
+ASIDE_PREFIX = ".old-"
 _TAG_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,199}")
 
 
@@ -74,12 +76,12 @@ class CheckpointLayout:
 
     @property
     def temp(self) -> Path:
-        return self.directory / f".tmp-{self.tag}"
+        return self.directory / f"{TEMP_PREFIX}{self.tag}"
 
     @property
     def aside(self) -> Path:
         """Where the previous copy of a re-saved tag waits while the new one is renamed in."""
-        return self.directory / f".old-{self.tag}"
+        return self.directory / f"{ASIDE_PREFIX}{self.tag}"
 
     @property
     def latest(self) -> Path:

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from ds.core.checkpoint.format import (
+    ASIDE_PREFIX,
     FORMAT_VERSION,
     INDEX_FILE,
     LATEST_FILE,
@@ -34,16 +35,21 @@ if TYPE_CHECKING:
 
 
 def list_tags(directory: str | os.PathLike[str]) -> list[str]:
-    """Complete checkpoints in ``directory``, oldest save first (by their index's mtime)."""
+    """Complete checkpoints in ``directory``, oldest save first (by their index's mtime).
+
+    Includes a tag whose save crashed while replacing it, since the reader falls back to
+    the previous copy the save had set aside.
+    """
     root = Path(directory)
     if not root.is_dir():
         return []
-    complete = [
-        (index.stat().st_mtime_ns, entry.name)
-        for entry in root.iterdir()
-        if not entry.name.startswith(".") and (index := entry / INDEX_FILE).is_file()
-    ]
-    return [name for _, name in sorted(complete)]
+    saved: dict[str, int] = {}
+    for entry in root.iterdir():
+        tag = entry.name.removeprefix(ASIDE_PREFIX)
+        if tag.startswith(".") or not (index := entry / INDEX_FILE).is_file():
+            continue
+        saved[tag] = max(saved.get(tag, 0), index.stat().st_mtime_ns)
+    return sorted(saved, key=lambda tag: (saved[tag], tag))
 
 
 class CheckpointReader:
@@ -104,9 +110,7 @@ class CheckpointReader:
         entry = self._entry(name)
         stop = entry.numel if stop is None else stop
         if not 0 <= start <= stop <= entry.numel:
-            raise CheckpointError(
-                f"cannot read [{start}, {stop}) of {name!r}: it has {entry.numel} elements"
-            )
+            raise CheckpointError(f"cannot read [{start}, {stop}) of {name!r}: it has {entry.numel} elements")
         out = torch.empty(stop - start, dtype=entry.torch_dtype)
         filled = start
         for ref in entry.shards:

@@ -9,7 +9,7 @@ RNG states differ per rank, so each rank saves and restores its own.
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -30,12 +30,18 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for device, state in enumerate(torch.cuda.get_rng_state_all() if cuda_devices else []):
         tensors[f"{_CUDA_PREFIX}{device}"] = state
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    numpy_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
+    kind, keys, pos, has_gauss, cached_gaussian = numpy_state
     tensors[_NUMPY_KEYS] = torch.from_numpy(keys.astype("<u4").view(np.uint8).copy())
     version, internal, gauss_next = random.getstate()
     meta = {
         "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
-        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "numpy": {
+            "kind": kind,
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "cuda_devices": cuda_devices,
     }
     return tensors, meta

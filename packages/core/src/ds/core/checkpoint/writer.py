@@ -96,7 +96,9 @@ def save_checkpoint(
     if local_error is not None:
         if isinstance(local_error, CheckpointError):
             raise local_error
-        raise CheckpointError(f"rank {rank} could not write checkpoint {tag!r}: {_describe(local_error)}") from local_error
+        raise CheckpointError(
+            f"rank {rank} could not write checkpoint {tag!r}: {_describe(local_error)}"
+        ) from local_error
     if final_error is not None:
         raise final_error
     if layout.temp.exists():
