@@ -36,18 +36,30 @@ if TYPE_CHECKING:
 
 
 class _BucketState:
-    """Gradient bookkeeping of one flat group during a backward."""
+    """Gradient bookkeeping of one flat group.
 
-    def __init__(self, group: FlatGroup, reduce_dtype: torch.dtype) -> None:
+    Stage 1 keeps a persistent full gradient buffer; after the reduce-scatter this rank's
+    slice of it holds the reduced gradient. Stage 2 allocates the full buffer only while
+    a backward fills it and accumulates reduced slices in ``shard_grad``.
+    """
+
+    def __init__(self, group: FlatGroup, reduce_dtype: torch.dtype, *, persistent_full: bool) -> None:
         self.group = group
+        self.dtype = reduce_dtype
         self.ready = 0
         self.full_grad: torch.Tensor | None = None
         self.views: list[torch.Tensor] = []
-        self.shard_grad = torch.zeros(group.shard_numel, dtype=reduce_dtype, device=group.full.device)
-        self.pending: tuple[Any, torch.Tensor, torch.Tensor] | None = None
+        self.pending: tuple[Any, torch.Tensor] | None = None
+        self.persistent_full = persistent_full
+        if persistent_full:
+            self.allocate()
+            assert self.full_grad is not None
+            self.shard_grad = self.full_grad[group.lo : group.hi]
+        else:
+            self.shard_grad = torch.zeros(group.shard_numel, dtype=reduce_dtype, device=group.full.device)
 
     def allocate(self) -> None:
-        self.full_grad = torch.zeros(self.group.padded_numel, dtype=self.shard_grad.dtype, device=self.shard_grad.device)
+        self.full_grad = torch.zeros(self.group.padded_numel, dtype=self.dtype, device=self.group.full.device)
         self.views = self.group.param_views(self.full_grad)
 
 
@@ -79,11 +91,8 @@ class ShardedOptimizerPartitioner(Partitioner):
             )
             owned_groups[index] = groups
             self._groups.extend(groups)
-        self._buckets = [_BucketState(g, self._reduce_dtype) for g in self._groups]
+        self._buckets = [_BucketState(g, self._reduce_dtype, persistent_full=not shard_gradients) for g in self._groups]
         self._bucket_of = {id(p): (b, i) for b in self._buckets for i, p in enumerate(b.group.params)}
-        if not shard_gradients:
-            for bucket in self._buckets:
-                bucket.allocate()
         self._sync_enabled = True
         user_groups = context.param_groups or [{"params": [p for _, p in named]}]
         self.optimizer = context.make_optimizer(
@@ -122,20 +131,20 @@ class ShardedOptimizerPartitioner(Partitioner):
         assert bucket.full_grad is not None
         out = torch.empty_like(bucket.shard_grad)
         work = self._comm.reduce_scatter_tensor(out, bucket.full_grad, group=self._group, async_op=True)
-        bucket.pending = (work, out, bucket.full_grad)
+        bucket.pending = (work, out)
         bucket.ready = 0
 
     def _drain(self, bucket: _BucketState) -> None:
         if bucket.pending is None:
             return
-        work, out, _ = bucket.pending
+        work, out = bucket.pending
         self._comm.wait(work)
-        bucket.shard_grad.add_(out)
         bucket.pending = None
-        if self._shard_gradients:
-            bucket.full_grad, bucket.views = None, []
+        if bucket.persistent_full:
+            bucket.shard_grad.copy_(out)  # one reduction per window: the slice becomes the sum
         else:
-            bucket.full_grad.zero_()
+            bucket.shard_grad.add_(out)
+            bucket.full_grad, bucket.views = None, []
 
     def set_gradient_sync(self, enabled: bool) -> None:
         # Stage 2 reduces every micro-step; finish the previous micro-step's reductions
@@ -173,11 +182,12 @@ class ShardedOptimizerPartitioner(Partitioner):
 
     def zero_grad(self) -> None:
         for bucket in self._buckets:
-            bucket.shard_grad.zero_()
             bucket.ready = 0
             bucket.group.master.grad = None
             if bucket.full_grad is not None:
                 bucket.full_grad.zero_()
+            if not bucket.persistent_full:
+                bucket.shard_grad.zero_()
 
     # -- checkpoints and accounting ---------------------------------------------------------
 
@@ -203,6 +213,7 @@ class ShardedOptimizerPartitioner(Partitioner):
             return 0 if t is None else t.numel() * t.element_size()
 
         params = sum(nbytes(g.full) + nbytes(g.master) for g in self._groups)
-        grads = sum(nbytes(b.shard_grad) + nbytes(b.full_grad) for b in self._buckets)
+        # Persistent gradient storage; the fp32 copy made for the optimizer step is transient.
+        grads = sum(nbytes(b.full_grad) + (0 if b.persistent_full else nbytes(b.shard_grad)) for b in self._buckets)
         state = sum(nbytes(v) for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
         return {"params": params, "gradients": grads, "optimizer": state}
