@@ -152,8 +152,19 @@ def ds_register_kernel_backends(register: Callable[..., None]) -> None:
 def ds_define_kernel_ops(define: Callable[..., None]) -> None:
     """Declare new named ops beyond core's, so backends can implement them.
 
-    Call ``define(name, reference)`` where ``reference`` is a plain torch function
-    that is the op's meaning; tests compare every backend against it.
+    Call ``define(name, reference, *, mutates_args=(), fake=None, backward=None,
+    saves="inputs")`` where ``reference`` is a plain torch function that is the op's
+    meaning; tests compare every backend against it. Its type hints give the op's
+    schema (``torch.library.custom_op``; tensor arguments may not be keyword-only) and
+    it becomes ``torch.ops.ds.<name>``. ``mutates_args`` names the arguments written in
+    place. The reference run on fake tensors is the op's fake implementation for
+    torch.compile; pass ``fake`` when it cannot run on fake tensors. ``backward`` is the
+    reference of a second op, ``<name>_backward``, that backends may implement too; it
+    receives the output's gradient followed by all of the op's arguments
+    (``saves="inputs"``) or by the op's output and its non-tensor arguments
+    (``saves="output"``), and returns one gradient per tensor argument. Defining a name
+    another plugin defined is an error naming both. See
+    :func:`ds.core.kernels.registry.define_op`.
 
     Fires once per plugin manager, before backends are consulted.
     """
@@ -186,9 +197,11 @@ def ds_register_model_transforms(register: Callable[..., None]) -> None:
 def ds_register_commands(register: Callable[..., None]) -> None:
     """Add subcommands to the ``ds`` command line.
 
-    Call ``register(name, help, configure, run)``: ``configure(parser)`` adds
-    arguments to an ``argparse`` subparser, ``run(args) -> int`` executes and returns
-    the exit status. A name registered twice is an error naming both plugins.
+    Call ``register(name, Command(help=..., configure=..., run=...))`` with a
+    :class:`ds.core.cli.Command`: ``configure(parser)`` adds arguments to an
+    ``argparse`` subparser, ``run(args) -> int`` executes and returns the exit status
+    (``args.components`` holds the loaded components). A name registered twice, or the
+    built-in ``report``, is an error naming the plugins.
 
     Fires once when ``ds`` starts.
     """
