@@ -129,9 +129,9 @@ def test_ill_typed_parameters_are_config_errors() -> None:
 
 
 def test_torch_range_checks_become_config_errors() -> None:
-    with pytest.raises(ConfigError, match="optimizer 'SGD'.*Nesterov"):
+    with pytest.raises(ConfigError, match=r"optimizer 'SGD'.*Nesterov"):
         build("SGD", nesterov=True)
-    with pytest.raises(ConfigError, match="optimizer 'Adam'.*learning rate"):
+    with pytest.raises(ConfigError, match=r"optimizer 'Adam'.*learning rate"):
         build("Adam", lr=-1.0)
 
 

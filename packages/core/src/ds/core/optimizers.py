@@ -338,7 +338,9 @@ class _HasOptimizers(Protocol):
     optimizers: Registry[Callable[..., Any]]
 
 
-def build_optimizer(config: OptimizerSpec, params: Iterable[Any], components: _HasOptimizers | None = None) -> Optimizer:
+def build_optimizer(
+    config: OptimizerSpec, params: Iterable[Any], components: _HasOptimizers | None = None
+) -> Optimizer:
     """Build the optimizer a config's ``optimizer`` section names over ``params``.
 
     ``params`` is what a torch optimizer accepts (tensors or param-group dicts).
