@@ -1,0 +1,234 @@
+// Fused SwiGLU and bias+GeLU, forward and backward: one read of each input and one write
+// of each output, with 16-byte accesses wherever rows are aligned.
+//
+// bias_gelu's backward also owes dbias = sum over rows of dx. A block owns a strip of
+// columns and a slice of rows, accumulates its strip's sums in registers and writes one
+// partial row; column_sum (norms.cu) folds the partials, so dx is never re-read.
+#include "dtypes.h"
+#include "kernels.h"
+
+namespace ds {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float sigmoidf(float v) { return 1.0f / (1.0f + __expf(-v)); }
+
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+constexpr float kInvSqrt2 = 0.7071067811865476f;
+constexpr float kInvSqrt2Pi = 0.3989422804014327f;
+constexpr float kGeluCubic = 0.044715f;
+
+template <bool kTanh>
+__device__ __forceinline__ float gelu(float v) {
+  if (kTanh) return 0.5f * v * (1.0f + tanhf(kSqrt2OverPi * (v + kGeluCubic * v * v * v)));
+  return 0.5f * v * (1.0f + erff(v * kInvSqrt2));
+}
+
+template <bool kTanh>
+__device__ __forceinline__ float gelu_grad(float v) {
+  if (kTanh) {
+    const float t = tanhf(kSqrt2OverPi * (v + kGeluCubic * v * v * v));
+    return 0.5f * (1.0f + t) +
+           0.5f * v * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluCubic * v * v);
+  }
+  return 0.5f * (1.0f + erff(v * kInvSqrt2)) + v * kInvSqrt2Pi * __expf(-0.5f * v * v);
+}
+
+unsigned blocks_for(std::int64_t work) {
+  const std::int64_t blocks = (work + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 0x7fffffff ? 0x7fffffff : blocks));
+}
+
+// x rows are [gate | up], each `hidden` wide; y rows are `hidden` wide.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+swiglu_forward_kernel(const T* __restrict__ x, T* __restrict__ y, std::int64_t rows,
+                      std::int64_t hidden) {
+  const std::int64_t row_vectors = hidden / VEC;
+  const std::int64_t total = rows * row_vectors;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(kThreads) + threadIdx.x; i < total;
+       i += static_cast<std::int64_t>(gridDim.x) * kThreads) {
+    const std::int64_t row = i / row_vectors;
+    const std::int64_t col = (i - row * row_vectors) * VEC;
+    const T* xr = x + row * 2 * hidden + col;
+    float gate[VEC], up[VEC], out[VEC];
+    load_floats<VEC>(xr, gate);
+    load_floats<VEC>(xr + hidden, up);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = gate[k] * sigmoidf(gate[k]) * up[k];
+    store_floats<VEC>(y + row * hidden + col, out);
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+swiglu_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                       std::int64_t rows, std::int64_t hidden) {
+  const std::int64_t row_vectors = hidden / VEC;
+  const std::int64_t total = rows * row_vectors;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(kThreads) + threadIdx.x; i < total;
+       i += static_cast<std::int64_t>(gridDim.x) * kThreads) {
+    const std::int64_t row = i / row_vectors;
+    const std::int64_t col = (i - row * row_vectors) * VEC;
+    const std::int64_t in_offset = row * 2 * hidden + col;
+    float gate[VEC], up[VEC], g[VEC], dgate[VEC], dup[VEC];
+    load_floats<VEC>(x + in_offset, gate);
+    load_floats<VEC>(x + in_offset + hidden, up);
+    load_floats<VEC>(dy + row * hidden + col, g);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float s = sigmoidf(gate[k]);
+      const float silu = gate[k] * s;
+      dup[k] = g[k] * silu;
+      dgate[k] = g[k] * up[k] * s * (1.0f + gate[k] * (1.0f - s));
+    }
+    store_floats<VEC>(dx + in_offset, dgate);
+    store_floats<VEC>(dx + in_offset + hidden, dup);
+  }
+}
+
+template <typename T, int VEC, bool kTanh>
+__global__ void __launch_bounds__(kThreads)
+bias_gelu_forward_kernel(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
+                         std::int64_t rows, std::int64_t hidden) {
+  const std::int64_t row_vectors = hidden / VEC;
+  const std::int64_t total = rows * row_vectors;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(kThreads) + threadIdx.x; i < total;
+       i += static_cast<std::int64_t>(gridDim.x) * kThreads) {
+    const std::int64_t col = (i % row_vectors) * VEC;
+    float v[VEC], b[VEC];
+    load_floats<VEC>(x + i * VEC, v);
+    load_floats<VEC>(bias + col, b);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = gelu<kTanh>(v[k] + b[k]);
+    store_floats<VEC>(y + i * VEC, v);
+  }
+}
+
+// Block (blockIdx.x, blockIdx.y): column strip blockIdx.x, rows blockIdx.y + k * gridDim.y.
+template <typename T, int VEC, bool kTanh>
+__global__ void __launch_bounds__(kThreads)
+bias_gelu_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                          const T* __restrict__ bias, T* __restrict__ dx,
+                          float* __restrict__ dbias_partial, std::int64_t rows,
+                          std::int64_t hidden) {
+  const std::int64_t col = (static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x) * VEC;
+  if (col >= hidden) return;
+  float b[VEC], acc[VEC];
+  load_floats<VEC>(bias + col, b);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc[k] = 0.0f;
+  for (std::int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const std::int64_t offset = row * hidden + col;
+    float v[VEC], g[VEC];
+    load_floats<VEC>(x + offset, v);
+    load_floats<VEC>(dy + offset, g);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      g[k] *= gelu_grad<kTanh>(v[k] + b[k]);
+      acc[k] += g[k];
+    }
+    store_floats<VEC>(dx + offset, g);
+  }
+  store_floats<VEC>(dbias_partial + static_cast<std::int64_t>(blockIdx.y) * hidden + col, acc);
+}
+
+template <typename T>
+bool can_vectorize(std::int64_t hidden, std::initializer_list<Ptr> ptrs) {
+  if (hidden % kVec16<T> != 0) return false;
+  for (Ptr p : ptrs) {
+    if (p != 0 && !aligned16(p)) return false;
+  }
+  return true;
+}
+
+template <typename T, bool kTanh>
+void launch_bias_gelu_backward(const T* dy, const T* x, const T* bias, T* dx, float* partial,
+                               std::int64_t rows, std::int64_t hidden, int num_partials,
+                               bool vec, ds_stream_t stream) {
+  if (vec) {
+    constexpr int V = kVec16<T>;
+    const dim3 grid(static_cast<unsigned>((hidden / V + kThreads - 1) / kThreads), num_partials);
+    bias_gelu_backward_kernel<T, V, kTanh><<<grid, kThreads, 0, stream>>>(dy, x, bias, dx, partial, rows, hidden);
+  } else {
+    const dim3 grid(static_cast<unsigned>((hidden + kThreads - 1) / kThreads), num_partials);
+    bias_gelu_backward_kernel<T, 1, kTanh><<<grid, kThreads, 0, stream>>>(dy, x, bias, dx, partial, rows, hidden);
+  }
+}
+
+}  // namespace
+
+const char* swiglu_forward(Ptr x, Ptr y, std::int64_t rows, std::int64_t hidden, int dtype,
+                           std::uintptr_t stream_handle) {
+  if (rows * hidden == 0) return nullptr;
+  const ds_stream_t stream = as_stream(stream_handle);
+  DS_DISPATCH_FLOAT(dtype, T,
+    auto* xp = reinterpret_cast<const T*>(x);
+    auto* yp = reinterpret_cast<T*>(y);
+    if (can_vectorize<T>(hidden, {x, y})) {
+      constexpr int V = kVec16<T>;
+      swiglu_forward_kernel<T, V><<<blocks_for(rows * hidden / V), kThreads, 0, stream>>>(xp, yp, rows, hidden);
+    } else {
+      swiglu_forward_kernel<T, 1><<<blocks_for(rows * hidden), kThreads, 0, stream>>>(xp, yp, rows, hidden);
+    });
+  DS_RETURN_LAUNCH_STATUS();
+}
+
+const char* swiglu_backward(Ptr dy, Ptr x, Ptr dx, std::int64_t rows, std::int64_t hidden,
+                            int dtype, std::uintptr_t stream_handle) {
+  if (rows * hidden == 0) return nullptr;
+  const ds_stream_t stream = as_stream(stream_handle);
+  DS_DISPATCH_FLOAT(dtype, T,
+    auto* dyp = reinterpret_cast<const T*>(dy);
+    auto* xp = reinterpret_cast<const T*>(x);
+    auto* dxp = reinterpret_cast<T*>(dx);
+    if (can_vectorize<T>(hidden, {dy, x, dx})) {
+      constexpr int V = kVec16<T>;
+      swiglu_backward_kernel<T, V><<<blocks_for(rows * hidden / V), kThreads, 0, stream>>>(dyp, xp, dxp, rows, hidden);
+    } else {
+      swiglu_backward_kernel<T, 1><<<blocks_for(rows * hidden), kThreads, 0, stream>>>(dyp, xp, dxp, rows, hidden);
+    });
+  DS_RETURN_LAUNCH_STATUS();
+}
+
+const char* bias_gelu_forward(Ptr x, Ptr bias, Ptr y, std::int64_t rows, std::int64_t hidden,
+                              bool tanh_approx, int dtype, std::uintptr_t stream_handle) {
+  if (rows * hidden == 0) return nullptr;
+  const ds_stream_t stream = as_stream(stream_handle);
+  DS_DISPATCH_FLOAT(dtype, T,
+    auto* xp = reinterpret_cast<const T*>(x);
+    auto* bp = reinterpret_cast<const T*>(bias);
+    auto* yp = reinterpret_cast<T*>(y);
+    if (can_vectorize<T>(hidden, {x, bias, y})) {
+      constexpr int V = kVec16<T>;
+      const unsigned blocks = blocks_for(rows * hidden / V);
+      if (tanh_approx) bias_gelu_forward_kernel<T, V, true><<<blocks, kThreads, 0, stream>>>(xp, bp, yp, rows, hidden);
+      else bias_gelu_forward_kernel<T, V, false><<<blocks, kThreads, 0, stream>>>(xp, bp, yp, rows, hidden);
+    } else {
+      const unsigned blocks = blocks_for(rows * hidden);
+      if (tanh_approx) bias_gelu_forward_kernel<T, 1, true><<<blocks, kThreads, 0, stream>>>(xp, bp, yp, rows, hidden);
+      else bias_gelu_forward_kernel<T, 1, false><<<blocks, kThreads, 0, stream>>>(xp, bp, yp, rows, hidden);
+    });
+  DS_RETURN_LAUNCH_STATUS();
+}
+
+const char* bias_gelu_backward(Ptr dy, Ptr x, Ptr bias, Ptr dx, Ptr dbias_partial,
+                               std::int64_t rows, std::int64_t hidden, int num_partials,
+                               bool tanh_approx, int dtype, std::uintptr_t stream_handle) {
+  if (num_partials <= 0 || num_partials > 65535) return "bias_gelu_backward: num_partials must be in [1, 65535]";
+  if (hidden == 0) return nullptr;
+  const ds_stream_t stream = as_stream(stream_handle);
+  DS_DISPATCH_FLOAT(dtype, T,
+    auto* dyp = reinterpret_cast<const T*>(dy);
+    auto* xp = reinterpret_cast<const T*>(x);
+    auto* bp = reinterpret_cast<const T*>(bias);
+    auto* dxp = reinterpret_cast<T*>(dx);
+    auto* pp = reinterpret_cast<float*>(dbias_partial);
+    const bool vec = can_vectorize<T>(hidden, {dy, x, bias, dx}) && can_vectorize<float>(hidden, {dbias_partial});
+    if (tanh_approx) launch_bias_gelu_backward<T, true>(dyp, xp, bp, dxp, pp, rows, hidden, num_partials, vec, stream);
+    else launch_bias_gelu_backward<T, false>(dyp, xp, bp, dxp, pp, rows, hidden, num_partials, vec, stream));
+  DS_RETURN_LAUNCH_STATUS();
+}
+
+}  // namespace ds

@@ -1,0 +1,102 @@
+// Python bindings of the kernel launchers (module `_C`). Plain host C++: addresses arrive
+// as Python ints, so this file needs neither torch nor a GPU vendor header. A launcher's
+// error message becomes a RuntimeError.
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+
+#ifndef DS_KERNELS_PLATFORM
+#define DS_KERNELS_PLATFORM "unknown"
+#endif
+#ifndef DS_KERNELS_ARCHITECTURES
+#define DS_KERNELS_ARCHITECTURES "unknown"
+#endif
+#ifndef DS_KERNELS_COMPILER
+#define DS_KERNELS_COMPILER "unknown"
+#endif
+
+namespace {
+
+void check(const char* error, const char* op) {
+  if (error != nullptr) throw std::runtime_error(std::string(op) + ": " + error);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ds fused kernels: launchers taking device addresses, sizes, dtype codes, a stream";
+  using ds::Ptr;
+  using std::int64_t;
+  using Stream = std::uintptr_t;
+
+  m.def("build_info", [] {
+    py::dict info;
+    info["platform"] = DS_KERNELS_PLATFORM;
+    info["architectures"] = DS_KERNELS_ARCHITECTURES;
+    info["compiler"] = DS_KERNELS_COMPILER;
+    return info;
+  });
+  m.attr("ADAM_CHUNK") = ds::kAdamChunk;
+  m.attr("ADAM_TABLE_COLUMNS") = ds::kAdamTableColumns;
+
+  m.def("adam_step",
+        [](Ptr table, int64_t num_tensors, int64_t total_chunks, int param_dtype, int grad_dtype,
+           int copy_dtype, bool vectorized, float lr, float beta1, float beta2, float eps,
+           float weight_decay, float bias_correction1, float bias_correction2, float grad_scale,
+           bool decoupled, Stream stream) {
+          const ds::AdamHyper hyper{lr, beta1, beta2, eps, weight_decay,
+                                    bias_correction1, bias_correction2, grad_scale, decoupled};
+          check(ds::adam_step(table, num_tensors, total_chunks, param_dtype, grad_dtype, copy_dtype,
+                              vectorized, hyper, stream),
+                "adam_step");
+        });
+
+  m.def("norm_forward", [](Ptr x, Ptr w, Ptr b, Ptr y, Ptr mean, Ptr rstd, int64_t rows,
+                           int64_t hidden, float eps, bool rms, int x_dtype, int w_dtype, Stream s) {
+    check(ds::norm_forward(x, w, b, y, mean, rstd, rows, hidden, eps, rms, x_dtype, w_dtype, s), "norm_forward");
+  });
+  m.def("norm_backward", [](Ptr dy, Ptr x, Ptr w, Ptr dx, Ptr dw_partial, Ptr db_partial, int64_t rows,
+                            int64_t hidden, float eps, bool rms, int num_partials, int x_dtype,
+                            int w_dtype, Stream s) {
+    check(ds::norm_backward(dy, x, w, dx, dw_partial, db_partial, rows, hidden, eps, rms, num_partials,
+                            x_dtype, w_dtype, s),
+          "norm_backward");
+  });
+  m.def("column_sum", [](Ptr partial, Ptr out, int64_t rows, int64_t columns, int out_dtype, Stream s) {
+    check(ds::column_sum(partial, out, rows, columns, out_dtype, s), "column_sum");
+  });
+  m.def("norm_max_hidden", &ds::norm_max_hidden);
+  m.def("norm_block_threads", &ds::norm_block_threads);
+
+  m.def("swiglu_forward", [](Ptr x, Ptr y, int64_t rows, int64_t hidden, int dtype, Stream s) {
+    check(ds::swiglu_forward(x, y, rows, hidden, dtype, s), "swiglu_forward");
+  });
+  m.def("swiglu_backward", [](Ptr dy, Ptr x, Ptr dx, int64_t rows, int64_t hidden, int dtype, Stream s) {
+    check(ds::swiglu_backward(dy, x, dx, rows, hidden, dtype, s), "swiglu_backward");
+  });
+  m.def("bias_gelu_forward", [](Ptr x, Ptr bias, Ptr y, int64_t rows, int64_t hidden, bool tanh_approx,
+                                int dtype, Stream s) {
+    check(ds::bias_gelu_forward(x, bias, y, rows, hidden, tanh_approx, dtype, s), "bias_gelu_forward");
+  });
+  m.def("bias_gelu_backward", [](Ptr dy, Ptr x, Ptr bias, Ptr dx, Ptr dbias_partial, int64_t rows,
+                                 int64_t hidden, int num_partials, bool tanh_approx, int dtype, Stream s) {
+    check(ds::bias_gelu_backward(dy, x, bias, dx, dbias_partial, rows, hidden, num_partials, tanh_approx,
+                                 dtype, s),
+          "bias_gelu_backward");
+  });
+
+  m.def("quantize_blockwise", [](Ptr x, Ptr codes, Ptr scales, Ptr offsets, int64_t numel, int group_size,
+                                 int bits, bool symmetric, int dtype, Stream s) {
+    check(ds::quantize_blockwise(x, codes, scales, offsets, numel, group_size, bits, symmetric, dtype, s),
+          "quantize_blockwise");
+  });
+  m.def("dequantize_blockwise", [](Ptr codes, Ptr scales, Ptr offsets, Ptr y, int64_t numel, int group_size,
+                                   int bits, bool symmetric, int dtype, Stream s) {
+    check(ds::dequantize_blockwise(codes, scales, offsets, y, numel, group_size, bits, symmetric, dtype, s),
+          "dequantize_blockwise");
+  });
+}

@@ -1,0 +1,97 @@
+// Element types, their float conversions and 16-byte vector access, for CUDA and HIP alike.
+//
+// Python passes a dtype as a small integer code (DType below, mirrored in
+// ds/kernels/cuda/_native.py); DS_DISPATCH_FLOAT turns a code into a C++ type. bfloat16
+// is kept as raw bits with our own round-to-nearest-even conversion: it is exact, costs a
+// few integer instructions in kernels that wait on memory anyway, and avoids the vendors'
+// incompatible bfloat16 headers.
+#pragma once
+
+#include "compat.h"
+
+namespace ds {
+
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct bf16 {
+  std::uint16_t bits;
+};
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(bf16 v) {
+  return __uint_as_float(static_cast<std::uint32_t>(v.bits) << 16);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ bf16 from_float<bf16>(float v) {
+  std::uint32_t u = __float_as_uint(v);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a (quiet) NaN
+    return bf16{static_cast<std::uint16_t>((u >> 16) | 0x40u)};
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16{static_cast<std::uint16_t>(u >> 16)};
+}
+
+// N consecutive elements moved with one aligned access.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <int N, typename T>
+__device__ __forceinline__ void load_floats(const T* ptr, float (&out)[N]) {
+  const Vec<T, N> packed = *reinterpret_cast<const Vec<T, N>*>(ptr);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_float(packed.v[i]);
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_floats(T* ptr, const float (&in)[N]) {
+  Vec<T, N> packed;
+#pragma unroll
+  for (int i = 0; i < N; ++i) packed.v[i] = from_float<T>(in[i]);
+  *reinterpret_cast<Vec<T, N>*>(ptr) = packed;
+}
+
+// Elements per 16-byte access: the widest load a thread can issue.
+template <typename T>
+constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));
+
+inline bool aligned16(std::uintptr_t ptr) { return ptr % 16 == 0; }
+
+}  // namespace ds
+
+// Runs the statement with T bound to the C++ type of a float dtype code; unknown codes
+// return an error message from the enclosing launcher.
+#define DS_DISPATCH_FLOAT(code, T, ...)                  \
+  switch (code) {                                        \
+    case ::ds::kFloat32: {                               \
+      using T = float;                                   \
+      __VA_ARGS__;                                       \
+      break;                                             \
+    }                                                    \
+    case ::ds::kFloat16: {                               \
+      using T = __half;                                  \
+      __VA_ARGS__;                                       \
+      break;                                             \
+    }                                                    \
+    case ::ds::kBFloat16: {                              \
+      using T = ::ds::bf16;                              \
+      __VA_ARGS__;                                       \
+      break;                                             \
+    }                                                    \
+    default:                                             \
+      return "unsupported dtype code (expected float32, float16 or bfloat16)"; \
+  }

@@ -1,0 +1,91 @@
+// Host entry points of every kernel. They take raw device addresses, sizes, dtype codes
+// (dtypes.h) and a stream handle, never a framework tensor, so the extension links no
+// libtorch and one build serves every torch version. Each returns nullptr on success or a
+// message naming what went wrong; the bindings raise it as a Python exception.
+//
+// Callers (the Python wrappers) guarantee: tensors are contiguous, on the current device,
+// of the stated dtypes and sizes; workspaces are float32 of the stated shapes.
+#pragma once
+
+#include <cstdint>
+
+namespace ds {
+
+using Ptr = std::uintptr_t;
+
+// ---- optimizers -------------------------------------------------------------------------
+// `tensor_table` is a device int64 array of `num_tensors` rows:
+//   [param, grad, exp_avg, exp_avg_sq, param_copy (0 = none), numel, first_chunk]
+// where first_chunk is the prefix sum of ceil(numel / kAdamChunk) over earlier rows.
+constexpr std::int64_t kAdamChunk = 16384;
+constexpr int kAdamTableColumns = 7;
+
+struct AdamHyper {
+  float lr, beta1, beta2, eps, weight_decay;
+  float bias_correction1, bias_correction2;  // 1 - beta^step, computed by the caller
+  float grad_scale;                           // multiplies every gradient (loss-scale undo)
+  bool decoupled;                             // AdamW (true) or L2-regularised Adam
+};
+
+const char* adam_step(Ptr tensor_table, std::int64_t num_tensors, std::int64_t total_chunks,
+                      int param_dtype, int grad_dtype, int copy_dtype, bool vectorized,
+                      const AdamHyper& hyper, std::uintptr_t stream);
+
+// ---- normalisation ----------------------------------------------------------------------
+// y = norm(x) * weight (+ bias) over the last dimension; LayerNorm when `rms` is false.
+// mean/rstd (float32, one per row) are written when non-zero.
+const char* norm_forward(Ptr x, Ptr weight, Ptr bias, Ptr y, Ptr mean, Ptr rstd,
+                         std::int64_t rows, std::int64_t hidden, float eps, bool rms,
+                         int x_dtype, int w_dtype, std::uintptr_t stream);
+
+// Writes dx and per-block partial sums of dweight (and dbias unless zero) into float32
+// workspaces of shape [num_partials, hidden]; reduce them with column_sum.
+const char* norm_backward(Ptr dy, Ptr x, Ptr weight, Ptr dx, Ptr dweight_partial,
+                          Ptr dbias_partial, std::int64_t rows, std::int64_t hidden, float eps,
+                          bool rms, int num_partials, int x_dtype, int w_dtype,
+                          std::uintptr_t stream);
+
+// out[c] = sum over r < rows of partial[r, c], converted to out_dtype.
+const char* column_sum(Ptr partial, Ptr out, std::int64_t rows, std::int64_t columns,
+                       int out_dtype, std::uintptr_t stream);
+
+// Largest hidden size the register-resident norm kernels accept; `vectorized` when hidden
+// is a multiple of 16 bytes' worth of elements and every row start is 16-byte aligned.
+std::int64_t norm_max_hidden(bool vectorized);
+
+// Threads per block the norm kernels use for a row of `hidden` elements moved
+// `vector_width` at a time (16 bytes' worth, or 1 on the scalar path).
+int norm_block_threads(std::int64_t hidden, int vector_width);
+
+// ---- activations ------------------------------------------------------------------------
+// SwiGLU over x = [gate | up] (last dim 2*hidden): y = silu(gate) * up.
+const char* swiglu_forward(Ptr x, Ptr y, std::int64_t rows, std::int64_t hidden, int dtype,
+                           std::uintptr_t stream);
+const char* swiglu_backward(Ptr dy, Ptr x, Ptr dx, std::int64_t rows, std::int64_t hidden,
+                            int dtype, std::uintptr_t stream);
+
+// y = gelu(x + bias); tanh approximation when `tanh_approx`, exact erf otherwise.
+const char* bias_gelu_forward(Ptr x, Ptr bias, Ptr y, std::int64_t rows, std::int64_t hidden,
+                              bool tanh_approx, int dtype, std::uintptr_t stream);
+// dx, and per-block partial sums of dbias ([num_partials, hidden] float32).
+const char* bias_gelu_backward(Ptr dy, Ptr x, Ptr bias, Ptr dx, Ptr dbias_partial,
+                               std::int64_t rows, std::int64_t hidden, int num_partials,
+                               bool tanh_approx, int dtype, std::uintptr_t stream);
+
+// ---- block-wise quantisation ------------------------------------------------------------
+// Groups of `group_size` consecutive elements (32, 64, 128 or 256; the last group may be
+// short) share one float32 scale (and, when asymmetric, one float32 offset = group min).
+// Symmetric: q = clamp(rint(x / scale), -qmax, qmax), scale = absmax / qmax,
+//   qmax = 127 (int8) or 7 (int4); int8 codes are stored as int8.
+// Asymmetric: q = clamp(rint((x - min) / scale), 0, qmax), scale = (max - min) / qmax,
+//   qmax = 255 or 15; stored as uint8.
+// int4 codes are packed two per byte, element 2i in the low nibble, as 4-bit two's
+// complement when symmetric. A zero scale quantises the group to zeros.
+const char* quantize_blockwise(Ptr x, Ptr codes, Ptr scales, Ptr offsets, std::int64_t numel,
+                               int group_size, int bits, bool symmetric, int dtype,
+                               std::uintptr_t stream);
+const char* dequantize_blockwise(Ptr codes, Ptr scales, Ptr offsets, Ptr y, std::int64_t numel,
+                                 int group_size, int bits, bool symmetric, int dtype,
+                                 std::uintptr_t stream);
+
+}  // namespace ds

@@ -1,0 +1,61 @@
+"""ds-kernels-cuda as a ds plugin: fused CUDA kernels that core picks up at run time.
+
+Installing the package is all it takes: its entry point ``kernels-cuda`` in the group
+``ds.plugins`` registers
+
+* the backend ``cuda-native`` (priority 100) for ``rms_norm``, ``layer_norm`` (forward and
+  backward), ``adam_step``, ``swiglu``, ``bias_gelu`` and the block-wise quantizers;
+* the ops ``swiglu``, ``bias_gelu``, ``quantize_blockwise`` and ``dequantize_blockwise``
+  with their torch references (:mod:`ds.kernels.cuda.opdefs`), so they fall back to torch
+  wherever the kernels cannot run.
+
+Nothing here imports the compiled extension: ``ds report`` and the CPU tests work on any
+machine, and a GPU without a matching build gets the reason instead of an error::
+
+    from ds.core.kernels import install_kernels
+    selection = install_kernels()
+    print(selection.choice("rms_norm", "cuda").reason)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ds.core import hookimpl
+
+from ._native import NativeLibrary
+from .backend import NativeBackend
+from .opdefs import define_ops
+
+BACKEND_NAME = "cuda-native"
+
+LIBRARY = NativeLibrary(
+    package="ds.kernels.cuda",
+    runtime="cuda",
+    build_hint=(
+        "reinstall ds-kernels-cuda from a wheel built with CUDA, or build it with "
+        "`pip install packages/kernels-cuda` on a machine with nvcc (DS_CUDA_ARCHS=<arch> "
+        "for a faster single-architecture build)"
+    ),
+)
+
+
+@hookimpl
+def ds_define_kernel_ops(define: Callable[..., None]) -> None:
+    define_ops(define)
+
+
+@hookimpl
+def ds_register_kernel_backends(register: Callable[..., None]) -> None:
+    register(NativeBackend(BACKEND_NAME, LIBRARY))
+
+
+@hookimpl
+def ds_report_lines() -> list[str]:
+    problem = LIBRARY.problem("cuda")
+    if problem is not None:
+        return [f"{LIBRARY.module_name}: unavailable ({problem})"]
+    info = LIBRARY.build_info()
+    if info is None:
+        return [f"{LIBRARY.module_name}: installed, loaded on first use"]
+    return [f"{LIBRARY.module_name}: built for {info['architectures']} by {info['compiler']}"]
