@@ -8,33 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ds.core
-from ds.core.kernels import TorchReferenceBackend, install_kernels, ops, reset_kernels
-from ds.core.plugins import CORE_PLUGIN_NAME, Components, load_components, make_plugin_set
+from ds.core.kernels import install_kernels, ops, reset_kernels
+from ds.core.plugins import load_components, make_plugin_set
 
 SHAPES = [(7,), (3, 5), (2, 3, 17), (4, 1, 33)]
 LAYOUTS = ["contiguous", "transposed", "strided"]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-class ReferenceOnly:
-    """Registers core's reference backend; stands in for core's builtin plugin here."""
-
-    @staticmethod
-    @ds.core.hookimpl
-    def ds_register_kernel_backends(register):
-        register(TorchReferenceBackend())
-
-
-def components_of(**plugins: object) -> Components:
-    plugin_set = make_plugin_set(autoload=False, extra_plugins=tuple(plugins.items()))
-    plugin_set.manager.unregister(name=CORE_PLUGIN_NAME)  # only what these tests register
-    return load_components(plugin_set)
-
-
 @pytest.fixture(autouse=True, scope="module")
 def reference_kernels():
-    selection = install_kernels(components_of(reference=ReferenceOnly), device_types=["cpu"])
+    """Core's builtin plugin alone: its torch reference backend runs every op."""
+    selection = install_kernels(load_components(make_plugin_set(autoload=False)), device_types=["cpu"])
     assert selection.choice("rms_norm", "cpu").backend == "torch-reference"
     yield
     reset_kernels()

@@ -65,13 +65,12 @@ def backends_plugin(*backends: object) -> object:
 
 
 def components_of(**plugins: object) -> Components:
-    plugin_set = make_plugin_set(autoload=False, extra_plugins=tuple(plugins.items()))
-    plugin_set.manager.unregister(name=CORE_PLUGIN_NAME)  # only what these tests register
-    return load_components(plugin_set)
+    """Core's builtin plugin (which registers the torch reference) plus ``plugins``."""
+    return load_components(make_plugin_set(autoload=False, extra_plugins=tuple(plugins.items())))
 
 
 def with_reference(*backends: object) -> Components:
-    return components_of(backends=backends_plugin(TorchReferenceBackend(), *backends))
+    return components_of(backends=backends_plugin(*backends))
 
 
 @pytest.fixture(autouse=True)
@@ -172,7 +171,9 @@ def test_malformed_backend_is_reported_not_used():
 
 def test_without_any_runnable_backend_the_op_raises_with_the_reasons():
     cuda_only = FakeBackend("cuda-only", 100, available=False, reason="no CUDA device")
-    selection = install_kernels(components_of(backends=backends_plugin(cuda_only)), device_types=["cpu"])
+    plugin_set = make_plugin_set(autoload=False, extra_plugins=(("backends", backends_plugin(cuda_only)),))
+    plugin_set.manager.unregister(name=CORE_PLUGIN_NAME)  # removes the torch reference
+    selection = install_kernels(load_components(plugin_set), device_types=["cpu"])
     choice = selection.choice("rms_norm", "cpu")
     assert choice.backend is None
     with pytest.raises(KernelUnavailableError, match="cuda-only: unavailable: no CUDA device"):
@@ -209,7 +210,6 @@ class TanhPlugin:
     @staticmethod
     @ds.core.hookimpl
     def ds_register_kernel_backends(register):
-        register(TorchReferenceBackend())
         register(FakeBackend("tanh-fast", 10, ("test_scaled_tanh", "test_scaled_tanh_backward")))
 
 
@@ -236,8 +236,7 @@ def plugin_defining(name: str, reference, **options) -> object:
 
 def test_backward_from_the_saved_output_with_keyword_only_arguments():
     exp_op = plugin_defining("test_scaled_exp", scaled_exp, backward=scaled_exp_backward, saves="output")
-    selection = install_kernels(components_of(exp=exp_op, reference=backends_plugin(TorchReferenceBackend())),
-                                device_types=["cpu"])
+    selection = install_kernels(components_of(exp=exp_op), device_types=["cpu"])
     assert selection.choice("test_scaled_exp_backward", "cpu").backend == "torch-reference"
     x = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
     assert torch.autograd.gradcheck(lambda x: torch.ops.ds.test_scaled_exp(x, scale=3.0), (x,))
