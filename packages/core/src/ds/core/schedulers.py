@@ -61,6 +61,13 @@ def _warmup_fraction(i: int, warmup_steps: int, warmup_type: WarmupType) -> floa
     return i / warmup_steps
 
 
+def _check_total_steps(owner: str, total_num_steps: int, warmup_num_steps: int) -> None:
+    if total_num_steps < warmup_num_steps:
+        raise ConfigError(f"scheduler {owner!r}: total_num_steps ({total_num_steps}) is smaller than "
+                          f"warmup_num_steps ({warmup_num_steps}), so the decay would never run. "
+                          "Raise total_num_steps.")
+
+
 class StepSchedule(LRScheduler):
     """A schedule whose learning rates are a closed-form function of the step count.
 
@@ -168,11 +175,7 @@ class WarmupDecayLR(WarmupLR):
         warmup_type: WarmupType = "log",
         last_batch_iteration: LastBatchIteration = -1,
     ) -> None:
-        if total_num_steps < warmup_num_steps:
-            raise ConfigError(
-                f"scheduler 'WarmupDecayLR': total_num_steps ({total_num_steps}) is smaller than "
-                f"warmup_num_steps ({warmup_num_steps}); the decay would never run. Raise total_num_steps."
-            )
+        _check_total_steps("WarmupDecayLR", total_num_steps, warmup_num_steps)
         self.total_num_steps = total_num_steps
         self._init_warmup(optimizer, warmup_min_lr, warmup_max_lr, warmup_num_steps, warmup_type)
         StepSchedule.__init__(self, optimizer, last_batch_iteration)
@@ -205,11 +208,7 @@ class WarmupCosineLR(StepSchedule):
         warmup_type: WarmupType = "log",
         last_batch_iteration: LastBatchIteration = -1,
     ) -> None:
-        if total_num_steps < warmup_num_steps:
-            raise ConfigError(
-                f"scheduler 'WarmupCosineLR': total_num_steps ({total_num_steps}) is smaller than "
-                f"warmup_num_steps ({warmup_num_steps}); the cosine would never run. Raise total_num_steps."
-            )
+        _check_total_steps("WarmupCosineLR", total_num_steps, warmup_num_steps)
         self.total_num_steps = total_num_steps
         self.warmup_min_ratio = warmup_min_ratio
         self.warmup_num_steps = max(2, warmup_num_steps)
