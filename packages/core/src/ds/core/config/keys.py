@@ -115,8 +115,10 @@ def is_disabled(value: object) -> bool:
 
 
 def closest(key: str, choices: Iterable[str]) -> str | None:
-    match = get_close_matches(key, list(choices), n=1, cutoff=0.6)
-    return match[0] if match else None
+    """The most similar choice, ignoring letter case (``adamw8bit`` -> ``AdamW``)."""
+    by_lower = {choice.lower(): choice for choice in choices}
+    match = get_close_matches(key.lower(), list(by_lower), n=1, cutoff=0.6)
+    return by_lower[match[0]] if match else None
 
 
 def unknown_key_message(path: str, key: str, choices: Collection[str]) -> str:
