@@ -1,0 +1,233 @@
+"""Every CUDA kernel against a float64 torch computation, on fresh random data, on a GPU.
+
+Relative error is ||out - ref|| / ||ref|| against float64 math on the same (upcast)
+inputs. Bounds per output dtype: float32 1e-5, float16 2e-3, bfloat16 1.2e-2 (an output
+rounded to bf16 alone is off by up to 2**-9 relative). Memory the ops allocate from is
+poisoned with NaN bytes before each run, so an element a kernel forgets to write fails.
+Each test also checks that the native backend, not the reference, ran the op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), "NaN in the output: an element was not written"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def poison() -> None:
+    """Fill memory the caching allocator will hand out next with 0xFF bytes (NaN in every float format).
+
+    torch keeps small (<= 1 MiB) and large allocations in separate pools: poison both.
+    """
+    free = torch.cuda.mem_get_info()[0]
+    blocks = [torch.empty(min(1 << 30, free // 4), dtype=torch.uint8, device="cuda")]
+    blocks += [torch.empty(1 << 19, dtype=torch.uint8, device="cuda") for _ in range(32)]
+    for block in blocks:
+        block.fill_(0xFF)
+    del blocks
+
+
+@pytest.fixture(autouse=True)
+def native_kernels(installed):
+    for op in ("rms_norm", "layer_norm", "swiglu", "bias_gelu", "adam_step", "quantize_blockwise"):
+        assert installed.choice(op, "cuda").backend == "cuda-native", installed.choice(op, "cuda")
+    yield installed
+
+
+def randn(*shape: int, dtype: torch.dtype, noncontiguous: bool = False) -> torch.Tensor:
+    if noncontiguous:  # every other column of a wider tensor
+        return torch.randn(*shape[:-1], shape[-1] * 2, device="cuda", dtype=dtype)[..., ::2]
+    return torch.randn(*shape, device="cuda", dtype=dtype)
+
+
+NORM_SHAPES = [(1, 8), (3, 17, 1000), (64, 4096), (7, 5120), (2, 16384), (5, 3001), (33, 8192)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_norm_forward_and_backward(dtype: torch.dtype, shape: tuple[int, ...], kind: str) -> None:
+    noncontiguous = shape[-1] % 2 == 1
+    x = randn(*shape, dtype=dtype, noncontiguous=noncontiguous).requires_grad_()
+    hidden = shape[-1]
+    weight = (torch.rand(hidden, device="cuda", dtype=dtype) + 0.5).requires_grad_()
+    bias = torch.randn(hidden, device="cuda", dtype=dtype, requires_grad=True) if kind == "layer" else None
+    grad = torch.randn(*shape, device="cuda", dtype=dtype)
+    poison()
+    if kind == "rms":
+        y = torch.ops.ds.rms_norm(x, weight, 1e-6)
+        inputs = (x, weight)
+    else:
+        y = torch.ops.ds.layer_norm(x, weight, bias, 1e-5)
+        inputs = (x, weight, bias)
+    poison()
+    grads = torch.autograd.grad(y, inputs, grad)
+
+    x64 = x.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    if kind == "rms":
+        ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w64
+        ref_inputs = (x64, w64)
+    else:
+        b64 = bias.detach().double().requires_grad_()
+        ref = F.layer_norm(x64, (hidden,), w64, b64, 1e-5)
+        ref_inputs = (x64, w64, b64)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad.double())
+    # Weight/bias gradients sum over rows in float32 before rounding: same bound.
+    assert rel_error(y, ref) < BOUND[dtype]
+    for got, want in zip(grads, ref_grads):
+        assert got.shape == want.shape and got.dtype == dtype
+        assert rel_error(got, want) < BOUND[dtype] * 2
+
+
+def test_norm_with_float32_weight_on_bf16_input() -> None:
+    x = randn(128, 2048, dtype=torch.bfloat16)
+    weight = torch.rand(2048, device="cuda") + 0.5
+    poison()
+    y = torch.ops.ds.rms_norm(x, weight, 1e-6)
+    ref = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * weight.double()
+    assert y.dtype == torch.bfloat16 and rel_error(y, ref) < BOUND[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2), (5, 7, 38), (128, 2 * 4096), (3, 2 * 5461)])
+def test_swiglu_forward_and_backward(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    x = randn(*shape, dtype=dtype, noncontiguous=shape[0] == 5).requires_grad_()
+    grad = torch.randn(*shape[:-1], shape[-1] // 2, device="cuda", dtype=dtype)
+    poison()
+    y = torch.ops.ds.swiglu(x)
+    poison()
+    (dx,) = torch.autograd.grad(y, x, grad)
+    x64 = x.detach().double().requires_grad_()
+    gate, up = x64.chunk(2, -1)
+    ref = F.silu(gate) * up
+    (ref_dx,) = torch.autograd.grad(ref, x64, grad.double())
+    assert rel_error(y, ref) < BOUND[dtype]
+    assert rel_error(dx, ref_dx) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 3), (9, 1001), (256, 4096), (4, 3, 8192)])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_bias_gelu_forward_and_backward(dtype: torch.dtype, shape: tuple[int, ...], approximate: str) -> None:
+    x = randn(*shape, dtype=dtype, noncontiguous=shape[0] == 9).requires_grad_()
+    bias = torch.randn(shape[-1], device="cuda", dtype=dtype, requires_grad=True)
+    grad = torch.randn(*shape, device="cuda", dtype=dtype)
+    poison()
+    y = torch.ops.ds.bias_gelu(x, bias, approximate)
+    poison()
+    dx, dbias = torch.autograd.grad(y, (x, bias), grad)
+    x64 = x.detach().double().requires_grad_()
+    b64 = bias.detach().double().requires_grad_()
+    ref = F.gelu(x64 + b64, approximate=approximate)
+    ref_dx, ref_db = torch.autograd.grad(ref, (x64, b64), grad.double())
+    assert rel_error(y, ref) < BOUND[dtype]
+    assert rel_error(dx, ref_dx) < BOUND[dtype]
+    assert rel_error(dbias, ref_db) < BOUND[dtype] * 2
+
+
+def adam_reference(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step, adamw):
+    p, g, m, v = p.double(), g.double(), m.double(), v.double()
+    if adamw:
+        p = p * (1 - lr * weight_decay)
+    else:
+        g = g + weight_decay * p
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    denom = v.sqrt() / math.sqrt(1 - beta2**step) + eps
+    return p - lr / (1 - beta1**step) * m / denom, m, v
+
+
+@pytest.mark.parametrize(("param_dtype", "grad_dtype", "copy_dtype"), [
+    (torch.float32, torch.float32, None),
+    (torch.float32, torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16, None),
+])
+@pytest.mark.parametrize("adamw", [True, False])
+def test_multi_tensor_adam(param_dtype, grad_dtype, copy_dtype, adamw: bool) -> None:
+    sizes = [1, 7, 16383, 16385, 100_003, 3 * 1024 + 5, 1 << 20]
+    params = [torch.randn(n, device="cuda", dtype=param_dtype) for n in sizes]
+    grads = [torch.randn(n, device="cuda", dtype=grad_dtype) for n in sizes]
+    exp_avgs = [torch.randn(n, device="cuda") * 0.1 for n in sizes]
+    exp_avg_sqs = [torch.rand(n, device="cuda") * 0.01 for n in sizes]
+    copies = [torch.full((n,), float("nan"), device="cuda", dtype=copy_dtype) for n in sizes] if copy_dtype else []
+    before = [(p.clone(), g.clone(), m.clone(), v.clone()) for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs)]
+    hyper = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1, "step": 3, "adamw": adamw}
+    torch.ops.ds.adam_step(params, grads, exp_avgs, exp_avg_sqs, copies, bias_correction=True, **hyper)
+    for i, (p0, g0, m0, v0) in enumerate(before):
+        ref_p, ref_m, ref_v = adam_reference(p0, g0, m0, v0, **hyper)
+        bound = 1e-6 if param_dtype == torch.float32 else BOUND[param_dtype]
+        assert rel_error(params[i], ref_p) < bound
+        assert rel_error(exp_avgs[i], ref_m) < 1e-6
+        assert rel_error(exp_avg_sqs[i], ref_v) < 1e-6
+        if copies:
+            assert rel_error(copies[i], ref_p) < BOUND[copy_dtype]
+            torch.testing.assert_close(copies[i], params[i].to(copy_dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(("numel", "group"), [(1, 32), (1001, 64), (4096 * 33, 128), (1 << 20, 256), (77777, 32)])
+def test_blockwise_quantization(dtype, bits: int, symmetric: bool, numel: int, group: int) -> None:
+    from ds.kernels.cuda import opdefs
+
+    x = torch.randn(numel, device="cuda", dtype=dtype) * 2 + 0.3
+    poison()
+    codes, scales, offsets = torch.ops.ds.quantize_blockwise(x, group, bits, symmetric)
+    ref_codes, ref_scales, ref_offsets = opdefs.quantize_blockwise(x, group, bits, symmetric)
+    assert codes.dtype == ref_codes.dtype and codes.shape == ref_codes.shape
+    torch.testing.assert_close(scales, ref_scales, rtol=1e-6, atol=0)
+    torch.testing.assert_close(offsets, ref_offsets, rtol=0, atol=0)
+    assert torch.equal(codes, ref_codes)
+    poison()
+    back = torch.ops.ds.dequantize_blockwise(codes, scales, offsets, numel, group, bits, symmetric, dtype)
+    ref_back = opdefs.dequantize_blockwise(codes, scales, offsets, numel, group, bits, symmetric, torch.float64)
+    assert back.dtype == dtype and rel_error(back, ref_back) < BOUND[dtype]
+    step = scales.double().repeat_interleave(group)[:numel]
+    rounding = x.double().abs() * torch.finfo(dtype).eps  # the output's own rounding
+    assert torch.all((back.double() - x.double()).abs() <= step / 2 * (1 + 1e-5) + rounding)
+
+
+def test_torch_compile_of_a_model_using_the_kernels() -> None:
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = torch.nn.Linear(256, 2 * 512, bias=False)
+            self.down = torch.nn.Linear(512, 256)
+            self.norm_weight = torch.nn.Parameter(torch.rand(256) + 0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.ops.ds.rms_norm(x, self.norm_weight, 1e-6)
+            h = torch.ops.ds.swiglu(self.up(h))
+            return x + torch.ops.ds.bias_gelu(self.down(h), self.down.bias, "tanh")
+
+    model = Block().cuda()
+    x = torch.randn(8, 64, 256, device="cuda")
+    eager = model(x)
+    eager.square().mean().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.square().mean().backward()
+    assert rel_error(out, eager) < 1e-5
+    for p, want in zip(model.parameters(), eager_grads):
+        assert rel_error(p.grad, want) < 1e-4
