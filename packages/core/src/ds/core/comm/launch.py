@@ -131,9 +131,8 @@ def init_distributed(
     # groups instead of creating each from scratch.
     device_id = None if device.type == "cpu" else device
     if launch is None:
-        dist.init_process_group(
-            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, device_id=device_id
-        )
+        store = dist.HashStore()  # type: ignore[attr-defined]  # torch exports it conditionally
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout, device_id=device_id)
     else:
         dist.init_process_group(
             backend,

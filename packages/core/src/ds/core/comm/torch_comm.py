@@ -291,7 +291,7 @@ class TorchCommunicator:
         return info
 
     def _describe(self, group: ProcessGroup | None) -> GroupInfo:
-        if group is dist.GroupMember.NON_GROUP_MEMBER:
+        if group is not None and not isinstance(group, ProcessGroup):  # new_group's NON_GROUP_MEMBER
             raise DsError(
                 f"rank {self._rank} issued a collective on a process group it is not a member "
                 "of; issue it only on the ranks the group was created with."

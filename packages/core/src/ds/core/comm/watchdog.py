@@ -12,7 +12,9 @@ adding host synchronisation or store traffic to the hot path:
   ``heartbeat_seconds`` (one small ``set``, off the training thread);
 * only when a collective runs out of time does the waiting rank read its peers' counts:
   a peer whose count for the group is below the stalled collective's sequence number
-  never entered it; a peer whose last heartbeat is old is dead or frozen.
+  never entered it; a peer whose last heartbeat is old is dead or frozen. (Heartbeats
+  share the store client with the training thread, so a rank blocked in a long store
+  call of its own, such as a rendezvous, publishes nothing meanwhile and looks frozen.)
 
 There are two ways of waiting, chosen by the communicator:
 
@@ -43,7 +45,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
-from torch.distributed import Store
+from torch.distributed.distributed_c10d import Store
 
 from ds.core.errors import CollectiveTimeoutError, ConfigError
 
