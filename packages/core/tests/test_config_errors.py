@@ -143,7 +143,7 @@ def test_pillar_keys_without_the_pillar_give_the_pip_command(source: dict[str, A
 
 
 def test_parallel_mesh_axes_need_their_pillar(components: Components) -> None:
-    with pytest.raises(MissingPillarError, match=r"'mesh.tp' = 2 needs ds-pipeline.*pip install \"ds-core\[pipeline\]\""):
+    with pytest.raises(MissingPillarError, match=r"'mesh.tp' = 2 needs ds-pipeline.*pip install \"ds-core\[pipeline\]"):
         load_config({"mesh": {"tp": 2}}, world_size=4, components=components)
     with pytest.raises(MissingPillarError, match=r"'mesh.ep' = 2 needs ds-moe"):
         load_config({"mesh": {"ep": 2}}, world_size=4, components=components)

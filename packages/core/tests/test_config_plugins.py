@@ -42,7 +42,8 @@ class Offload(SectionModel):
 
 
 class ZeroSection(SectionModel):
-    renamed_keys: ClassVar[dict[str, str]] = {"stage3_gather_fp16_weights_on_model_save": "stage3_gather_16bit_weights_on_model_save"}
+    renamed_keys: ClassVar[dict[str, str]] = {
+        "stage3_gather_fp16_weights_on_model_save": "stage3_gather_16bit_weights_on_model_save"}
 
     stage: Annotated[int, Field(ge=0, le=3)] = 0
     contiguous_gradients: bool = True

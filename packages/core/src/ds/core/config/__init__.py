@@ -32,7 +32,6 @@ from ds.core.config.batch import BatchSizes, resolve_batch_sizes
 from ds.core.config.build import load_config
 from ds.core.config.root import DsConfig
 from ds.core.config.sections import (
-    CORE_SECTION_ALIASES,
     CORE_SECTIONS,
     ActivationCheckpointingConfig,
     Bf16Config,
@@ -49,7 +48,6 @@ from ds.core.config.sections import (
 
 __all__ = [
     "CORE_SECTIONS",
-    "CORE_SECTION_ALIASES",
     "ActivationCheckpointingConfig",
     "AutoContext",
     "AutoResolve",

@@ -114,7 +114,7 @@ def hf_hidden_size(model: object) -> int | None:
         return size
     sizes = getattr(hf_config, "hidden_sizes", None)
     if isinstance(sizes, (list, tuple)) and sizes and all(isinstance(s, int) for s in sizes):
-        return max(sizes)
+        return int(max(sizes))
     return None
 
 
@@ -178,18 +178,3 @@ def optimizer_learning_rate(data: dict[str, Any]) -> float | None:
     if isinstance(lr, (int, float)) and not isinstance(lr, bool):
         return float(lr)
     return None
-
-
-def lr_or_default(context: AutoContext) -> float | None:
-    """``"auto"`` for a schedule's peak rate: the optimizer's lr, else the schedule's default."""
-    return context.learning_rate
-
-
-def total_steps(context: AutoContext) -> int:
-    """``"auto"`` for a schedule's length: only the caller can know it."""
-    if context.total_num_steps is None:
-        raise ValueError(
-            "ds cannot know how many optimizer steps your run has. Set it to that number, "
-            "or pass total_num_steps= to ds.core.config.load_config."
-        )
-    return context.total_num_steps

@@ -100,7 +100,6 @@ def _resolve(raw: dict[str, Any], world_size: int, dp_world_size: int | None, mo
 
     context = AutoContext.from_model(model, world_size=world_size, total_num_steps=total_num_steps)
     mesh = validate_section(MeshConfig, data.get("mesh", {}), "mesh", _visitors(context))
-    assert isinstance(mesh, MeshConfig)
     check_mesh_pillars(mesh.model_dump(), registry, components.plugins)
     dp = mesh.data_parallel_size(world_size)
     if dp_world_size is not None:
@@ -113,7 +112,6 @@ def _resolve(raw: dict[str, Any], world_size: int, dp_world_size: int | None, mo
         _resolve_schedule_params(data["scheduler"], visitors)
     core_data = {key: value for key, value in data.items() if key not in plugin_models}
     config = validate_section(DsConfig, core_data, "", visitors)
-    assert isinstance(config, DsConfig)
     _reject_unresolved_auto(config.model_dump(), "")
     _check_optimizer(config.optimizer, components.optimizers)
     _check_registered(config.communicator.backend, "communicator.backend", components.communicators)

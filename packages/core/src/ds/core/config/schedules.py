@@ -14,14 +14,27 @@ from typing import Annotated, Literal
 
 from pydantic import Field, NonNegativeInt, PositiveInt
 
-from ds.core.config.auto import AutoResolve, lr_or_default, total_steps
+from ds.core.config.auto import AutoContext, AutoResolve
 from ds.core.config.base import SectionModel
 
 LearningRate = Annotated[float, Field(ge=0)] | list[Annotated[float, Field(ge=0)]]
 """One rate for all parameter groups, or one per group."""
 
-PeakRate = Annotated[LearningRate | None, AutoResolve(lr_or_default)]
-TotalSteps = Annotated[PositiveInt | None, AutoResolve(total_steps)]
+
+
+def _total_steps(context: AutoContext) -> int:
+    """``"auto"`` for a schedule's length: only the caller can know it."""
+    if context.total_num_steps is None:
+        raise ValueError(
+            "ds cannot know how many optimizer steps your run has. Set it to that number, "
+            "or pass total_num_steps= to ds.core.config.load_config."
+        )
+    return context.total_num_steps
+
+
+PeakRate = Annotated[LearningRate | None, AutoResolve(lambda ctx: ctx.learning_rate)]
+"""``"auto"``: the optimizer's lr when the config sets one, else (None) the schedule's default."""
+TotalSteps = Annotated[PositiveInt | None, AutoResolve(_total_steps)]
 
 
 class _ScheduleParams(SectionModel):

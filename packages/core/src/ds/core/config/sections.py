@@ -189,6 +189,3 @@ CORE_SECTIONS: dict[str, type[SectionModel]] = {
     "mesh": MeshConfig,
 }
 """Core's top-level sections, which core's builtin plugin registers."""
-
-CORE_SECTION_ALIASES: dict[str, tuple[str, ...]] = {"bf16": ("bfloat16",)}
-"""Old top-level spellings of core sections, for the builtin plugin's ``aliases=``."""

@@ -7,7 +7,7 @@ Every message names the full key path and says what to change; pydantic's own du
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
@@ -17,10 +17,12 @@ from ds.core.config.base import Visitor, join_path, model_at, valid_keys, walk_m
 from ds.core.config.keys import unknown_key_message
 from ds.core.errors import ConfigError
 
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
 _SECTION_TYPE_ERRORS = {"model_type", "model_attributes_type", "dict_type"}
 
 
-def validate_section(model: type[BaseModel], value: Any, path: str, visitors: Sequence[Visitor]) -> BaseModel:
+def validate_section(model: type[ModelT], value: Any, path: str, visitors: Sequence[Visitor]) -> ModelT:
     """Rewrite ``value`` with ``visitors`` (renames, ``"auto"``), then validate it as ``model``.
 
     ``path`` is where the section sits in the config (``""`` for the root).
