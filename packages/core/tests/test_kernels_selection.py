@@ -19,7 +19,7 @@ from ds.core.kernels import (
     reset_kernels,
 )
 from ds.core.kernels import reference as core_reference
-from ds.core.plugins import CORE_PLUGIN_NAME, Components, load_components, make_plugin_set
+from ds.core.plugins import CORE_PLUGIN_NAME, Components, default_components, load_components, make_plugin_set
 
 
 class FakeBackend:
@@ -154,6 +154,15 @@ def test_a_device_type_is_selected_lazily_on_first_call():
     run_rms_norm()
     assert fast.runs == ["rms_norm"]
     assert installed_kernels().choice("rms_norm", "cpu").backend == "fast"
+
+
+def test_first_call_installs_the_default_selection_from_installed_plugins():
+    reset_kernels()
+    x, weight = torch.rand(3, 4) + 0.5, torch.rand(4) + 0.5
+    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-6), core_reference.rms_norm(x, weight, 1e-6))
+    selection = installed_kernels()
+    assert selection.components is default_components()
+    assert selection.choice("rms_norm", "cpu").backend is not None
 
 
 def test_malformed_backend_is_reported_not_used():

@@ -141,15 +141,15 @@ def adam_step(
         raise ValueError(f"adam_step step must count from 1, got {step}")
     if count == 0:
         return
-    grads = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
+    updates: list[Tensor] | tuple[Tensor, ...] = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
     if weight_decay != 0.0:
         if adamw:
             torch._foreach_mul_(params, 1.0 - lr * weight_decay)
         else:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+            updates = torch._foreach_add(updates, params, alpha=weight_decay)
+    torch._foreach_lerp_(exp_avgs, updates, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, updates, updates, 1.0 - beta2)
     correction1 = 1.0 - beta1**step if bias_correction else 1.0
     correction2_sqrt = math.sqrt(1.0 - beta2**step) if bias_correction else 1.0
     denominators = torch._foreach_sqrt(exp_avg_sqs)

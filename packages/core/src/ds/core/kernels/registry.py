@@ -117,8 +117,8 @@ def define_op(
             backward_name = f"{name}_backward"
             backward_schema = _infer_schema(backward_name, backward, owner, ())
             _check_backward(name, schema, backward_schema, saves)
-            backward_op = _define_custom_op(backward_name, backward, owner, backward_schema, (), None, forward=name)
             op = _define_custom_op(name, reference, owner, schema, mutated, fake, backward=backward_name)
+            backward_op = _define_custom_op(backward_name, backward, owner, backward_schema, (), None, forward=name)
             _attach_autograd(op, backward_op, saves)
         return op
 
