@@ -27,9 +27,7 @@ def reference_tensors() -> dict[str, torch.Tensor]:
         "model/half": torch.randn(11, generator=gen).to(torch.float16),
         "model/scalar": torch.randn((), generator=gen),
         "model/empty": torch.empty(0, 3),
-        "optimizer/dense.weight/step": torch.randint(
-            -(2**62), 2**62, (6, 2), generator=gen, dtype=torch.int64
-        ),
+        "optimizer/dense.weight/step": torch.randint(-(2**62), 2**62, (6, 2), generator=gen, dtype=torch.int64),
     }
 
 
@@ -83,19 +81,16 @@ def read_own_ranges(directory: str) -> dict[str, torch.Tensor]:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     with CheckpointReader(directory) as reader:
-        return {
-            name: reader.read(name, *even_ranges(reader.numel(name), world_size)[rank])
-            for name in reader.names()
-        }
+        return {name: reader.read(name, *even_ranges(reader.numel(name), world_size)[rank]) for name in reader.names()}
 
 
-def save_expecting_error(directory: str, tag: str, plan: Plan, rank_metadata: dict) -> str:
+def save_expecting_error(directory: str, tags: list[str], plan: Plan, rank_metadata: dict) -> str:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     try:
         save_checkpoint(
             directory,
-            tag,
+            tags[rank],
             shards=shards_for(rank, plan),
             metadata={},
             rank_metadata=rank_metadata if rank == 1 else None,
@@ -105,7 +100,7 @@ def save_expecting_error(directory: str, tag: str, plan: Plan, rank_metadata: di
         )
     except CheckpointError as exc:
         return str(exc)
-    raise AssertionError(f"rank {rank} saved {tag} without error")
+    raise AssertionError(f"rank {rank} saved {tags[rank]} without error")
 
 
 def assert_bit_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -115,9 +110,7 @@ def assert_bit_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_uneven_slices_from_many_ranks_read_back_whole_and_by_any_range(
-    tmp_path: Path, world_size: int
-) -> None:
+def test_uneven_slices_from_many_ranks_read_back_whole_and_by_any_range(tmp_path: Path, world_size: int) -> None:
     plan = uneven_plan(world_size, seed=world_size)
     paths = run_distributed(save_on_ranks, world_size, str(tmp_path), "step7", plan)
 
@@ -130,9 +123,7 @@ def test_uneven_slices_from_many_ranks_read_back_whole_and_by_any_range(
         assert reader.tag == "step7"
         assert reader.world_size == world_size
         assert reader.metadata == {"step": 7, "betas": [0.9, 0.999], "note": "written by rank 0"}
-        assert [reader.rank_metadata(r) for r in range(world_size)] == [
-            {"rank": r} for r in range(world_size)
-        ]
+        assert [reader.rank_metadata(r) for r in range(world_size)] == [{"rank": r} for r in range(world_size)]
         assert sorted(reader.names()) == sorted(expected)
         for name, tensor in expected.items():
             assert reader.global_shape(name) == tuple(tensor.shape)
@@ -153,32 +144,43 @@ def test_checkpoint_of_four_ranks_loads_as_two_ranks_slices(tmp_path: Path) -> N
         assert_bit_exact(torch.cat([per_rank[0][name], per_rank[1][name]]), tensor.reshape(-1))
 
 
-def test_gaps_overlaps_and_bad_metadata_fail_on_every_rank_and_keep_the_last_checkpoint(
-    tmp_path: Path,
-) -> None:
+def test_gaps_overlaps_bad_metadata_and_mismatched_tags_fail_on_every_rank(tmp_path: Path) -> None:
     good = uneven_plan(2, seed=5)
     run_distributed(save_on_ranks, 2, str(tmp_path), "good", good)
     gap = {0: [("model/dense.weight", 0, 10)], 1: [("model/dense.weight", 12, 35)]}
     overlap = {0: [("model/dense.weight", 0, 20)], 1: [("model/dense.weight", 15, 35)]}
+    bad = ["bad", "bad"]
 
-    gap_errors = run_distributed(save_expecting_error, 2, str(tmp_path), "bad", gap, {})
-    overlap_errors = run_distributed(save_expecting_error, 2, str(tmp_path), "bad", overlap, {})
-    metadata_errors = run_distributed(
-        save_expecting_error, 2, str(tmp_path), "bad", good, {"lr": torch.ones(1)}
-    )
+    gap_errors = run_distributed(save_expecting_error, 2, str(tmp_path), bad, gap, {})
+    overlap_errors = run_distributed(save_expecting_error, 2, str(tmp_path), bad, overlap, {})
+    metadata_errors = run_distributed(save_expecting_error, 2, str(tmp_path), bad, good, {"lr": torch.ones(1)})
+    mismatch_errors = run_distributed(save_expecting_error, 2, str(tmp_path / "new"), ["bad", "other"], good, {})
 
     assert all("'model/dense.weight': gap, elements [10, 12) are in no shard" in e for e in gap_errors)
     assert all(
-        "'model/dense.weight': overlap, elements [15, 20) are in both rank-00000.safetensors and rank-00001"
-        in e
+        "'model/dense.weight': overlap, elements [15, 20) are in both rank-00000.safetensors and rank-00001" in e
         for e in overlap_errors
     )
     assert all("rank metadata['lr'] is a Tensor" in e for e in metadata_errors)
+    assert "['rank-00001.safetensors'] missing after the barrier" in mismatch_errors[0]
+    assert "do all ranks pass the same directory and tag?" in mismatch_errors[1]
     assert list_tags(tmp_path) == ["good"]
     assert (tmp_path / "latest").read_text().strip() == "good"
     with CheckpointReader(tmp_path) as reader:
         for name, tensor in reference_tensors().items():
             assert_bit_exact(reader.read_full(name), tensor)
+
+
+def test_reads_are_copies_the_caller_may_modify(tmp_path: Path) -> None:
+    plan = {0: [(name, 0, t.numel()) for name, t in reference_tensors().items()]}
+    save_checkpoint(tmp_path, "t", shards=shards_for(0, plan), metadata={}, rank=0, world_size=1, barrier=lambda: None)
+    expected = reference_tensors()["model/dense.weight"]
+
+    with CheckpointReader(tmp_path) as reader:
+        reader.read("model/dense.weight", 2, 9).add_(1.0)
+        reader.read_full("model/dense.weight").zero_()
+
+        assert_bit_exact(reader.read_full("model/dense.weight"), expected)
 
 
 def test_checkpoint_holds_only_safetensors_and_json(tmp_path: Path) -> None:

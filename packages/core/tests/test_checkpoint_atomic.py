@@ -27,9 +27,7 @@ def tensors_of_step(step: int) -> dict[str, torch.Tensor]:
 
 def save_step(directory: Path | str, tag: str, step: int, barrier: Callable[[], None] = lambda: None) -> None:
     shards = [TensorShard.full(name, tensor) for name, tensor in tensors_of_step(step).items()]
-    save_checkpoint(
-        directory, tag, shards=shards, metadata={"step": step}, rank=0, world_size=1, barrier=barrier
-    )
+    save_checkpoint(directory, tag, shards=shards, metadata={"step": step}, rank=0, world_size=1, barrier=barrier)
 
 
 def save_a_then_die_saving(directory: str, second_tag: str, conn: Connection) -> None:

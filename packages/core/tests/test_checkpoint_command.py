@@ -57,14 +57,10 @@ def test_export_chooses_tag_dtype_and_shard_size(tmp_path: Path) -> None:
         "b": "model-00001-of-00002.safetensors",
         "w": "model-00002-of-00002.safetensors",
     }
-    assert torch.equal(
-        load_file(tmp_path / "hf" / "model-00002-of-00002.safetensors")["w"], weight.to(torch.bfloat16)
-    )
+    assert torch.equal(load_file(tmp_path / "hf" / "model-00002-of-00002.safetensors")["w"], weight.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize(
-    ("text", "size"), [("5GB", 5 * 10**9), ("500mb", 5 * 10**8), ("1GiB", 2**30), ("4096", 4096)]
-)
+@pytest.mark.parametrize(("text", "size"), [("5GB", 5 * 10**9), ("500mb", 5 * 10**8), ("1GiB", 2**30), ("4096", 4096)])
 def test_sizes_parse_like_hugging_face(text: str, size: int) -> None:
     assert parse_size(text) == size
 

@@ -32,13 +32,9 @@ def reader(tmp_path: Path) -> Iterator[CheckpointReader]:
         flat, cut = tensor.reshape(-1), tensor.numel() // 3
         shards.append(TensorShard(f"model/{name}", tuple(tensor.shape), flat[:cut], 0))
         shards.append(TensorShard(f"model/{name}", tuple(tensor.shape), flat[cut:], cut))
-        shards.append(
-            TensorShard.full(f"optimizer/{name}/exp_avg", torch.zeros_like(tensor, dtype=torch.float32))
-        )
+        shards.append(TensorShard.full(f"optimizer/{name}/exp_avg", torch.zeros_like(tensor, dtype=torch.float32)))
     shards.append(TensorShard.full("rank/00000/rng/torch_cpu", torch.get_rng_state()))
-    save_checkpoint(
-        tmp_path / "ckpt", "final", shards=shards, metadata={}, rank=0, world_size=1, barrier=lambda: None
-    )
+    save_checkpoint(tmp_path / "ckpt", "final", shards=shards, metadata={}, rank=0, world_size=1, barrier=lambda: None)
     with CheckpointReader(tmp_path / "ckpt") as opened:
         yield opened
 
@@ -66,9 +62,7 @@ def test_dtype_casts_floating_point_tensors_only(reader: CheckpointReader, tmp_p
     assert loaded["position_ids"].dtype == torch.int64
 
 
-def test_small_max_shard_bytes_writes_a_correct_sharded_index(
-    reader: CheckpointReader, tmp_path: Path
-) -> None:
+def test_small_max_shard_bytes_writes_a_correct_sharded_index(reader: CheckpointReader, tmp_path: Path) -> None:
     out = tmp_path / "hf"
     export_consolidated(reader, out)  # a stale single file must not shadow the sharded export
     max_bytes = 300  # embed.weight alone is 512 bytes, so it must get a file of its own

@@ -51,9 +51,7 @@ def test_restored_state_reproduces_the_same_draws_through_a_checkpoint(tmp_path:
 
     with CheckpointReader(tmp_path) as reader:
         prefix = "rank/00000/rng/"
-        loaded = {
-            name[len(prefix) :]: reader.read_full(name) for name in reader.names() if name.startswith(prefix)
-        }
+        loaded = {name[len(prefix) :]: reader.read_full(name) for name in reader.names() if name.startswith(prefix)}
         restore_rng_state(loaded, reader.rank_metadata(0)["rng"])
 
     assert draw() == expected

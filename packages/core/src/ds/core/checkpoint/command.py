@@ -28,9 +28,7 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", text, flags=re.IGNORECASE)
     size = int(float(match[1]) * _SIZE_UNITS[(match[2] or "").upper()]) if match else 0
     if size <= 0:
-        raise argparse.ArgumentTypeError(
-            f"invalid size {text!r}: use a positive size such as 5GB, 500MB or 1GiB"
-        )
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use a positive size such as 5GB, 500MB or 1GiB")
     return size
 
 

@@ -88,14 +88,15 @@ class CheckpointLayout:
         return self.directory / LATEST_FILE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TensorShard:
     """The slice ``[flat_offset, flat_offset + numel)`` of a tensor's flattened form.
 
     ``tensor`` holds the slice as a 1-D tensor on any device; ``global_shape`` is the
     shape of the whole tensor, which every shard of the same ``name`` must agree on.
     Per-rank private state (RNG states differ per rank) uses names that embed the rank,
-    for example ``rank/00001/rng/torch_cpu``.
+    for example ``rank/00001/rng/torch_cpu``. Shards compare by identity: comparing
+    tensors elementwise has no single truth value.
     """
 
     name: str
@@ -105,6 +106,7 @@ class TensorShard:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "global_shape", tuple(int(d) for d in self.global_shape))
+        object.__setattr__(self, "flat_offset", int(self.flat_offset))
         if not self.name:
             raise CheckpointError("a checkpoint shard needs a non-empty tensor name")
         if self.tensor.dim() != 1:
@@ -228,8 +230,7 @@ def build_tensor_entries(records: Iterable[ShardRecord]) -> dict[str, TensorEntr
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise CheckpointError(
-            "checkpoint slices must cover every tensor exactly once; the partitioner "
-            f"produced:\n  {shown}{more}"
+            f"checkpoint slices must cover every tensor exactly once; the partitioner produced:\n  {shown}{more}"
         )
     return entries
 
@@ -269,9 +270,7 @@ def check_json_metadata(value: Any, what: str) -> None:
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str):
-                raise CheckpointError(
-                    f"{what} has key {key!r} of type {type(key).__name__}; JSON keys must be str"
-                )
+                raise CheckpointError(f"{what} has key {key!r} of type {type(key).__name__}; JSON keys must be str")
             check_json_metadata(item, f"{what}[{key!r}]")
         return
     if isinstance(value, (list, tuple)):

@@ -12,7 +12,7 @@ import difflib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pydantic
 import torch
@@ -29,9 +29,6 @@ from ds.core.checkpoint.format import (
     validate_tag,
 )
 from ds.core.errors import CheckpointError
-
-if TYPE_CHECKING:
-    from typing import Self
 
 
 def list_tags(directory: str | os.PathLike[str]) -> list[str]:
@@ -89,6 +86,7 @@ class CheckpointReader:
         return self._index.world_size
 
     def names(self) -> list[str]:
+        """Every tensor name, sorted."""
         return list(self._index.tensors)
 
     def __contains__(self, name: object) -> bool:
@@ -106,7 +104,12 @@ class CheckpointReader:
     # -- reading ------------------------------------------------------------------------
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Elements ``[start, stop)`` of the flattened tensor, as a 1-D CPU tensor."""
+        """Elements ``[start, stop)`` of the flattened tensor, as a new 1-D CPU tensor.
+
+        The result is always a copy: safetensors' slices are views of a memory map that
+        the open file shares between reads, so handing one out would let a caller's
+        in-place update change what the next read returns.
+        """
         entry = self._entry(name)
         stop = entry.numel if stop is None else stop
         if not 0 <= start <= stop <= entry.numel:
@@ -120,8 +123,6 @@ class CheckpointReader:
             if lo > filled:
                 break
             piece = self._handle(ref.file).get_slice(ref.key)[lo - ref.flat_offset : hi - ref.flat_offset]
-            if lo == start and hi == stop:
-                return piece
             out[lo - start : hi - start] = piece
             filled = hi
         if filled < stop:
@@ -138,7 +139,7 @@ class CheckpointReader:
     def close(self) -> None:
         self._handles.clear()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -162,8 +163,7 @@ def _read_latest(directory: Path) -> str:
     latest = directory / LATEST_FILE
     if not latest.is_file():
         raise CheckpointError(
-            f"no {LATEST_FILE!r} file in {directory}; available tags: {list_tags(directory)}. "
-            "Pass tag= to choose one."
+            f"no {LATEST_FILE!r} file in {directory}; available tags: {list_tags(directory)}. Pass tag= to choose one."
         )
     tag = latest.read_text().strip()
     try:

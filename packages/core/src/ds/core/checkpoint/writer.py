@@ -10,11 +10,12 @@ The protocol, with one ``barrier()`` after the rank files and one at the end:
    every tensor exactly once, writes ``index.json``, renames the temp folder to ``<tag>``
    (an existing ``<tag>`` is first renamed aside and deleted only once the new one is in),
    and writes ``latest`` last, by write-fsync-replace;
-4. ``barrier()``; ranks other than 0 then check that the temp folder is gone.
+4. ``barrier()``; every rank then checks rank 0's outcome on disk.
 
 A rank that fails to write leaves ``rank-<r>.error.json`` instead, and rank 0 leaves
 ``failure.json`` when it cannot finish, so every rank still reaches both barriers and
-raises the same :class:`~ds.core.errors.CheckpointError` instead of hanging.
+raises the same :class:`~ds.core.errors.CheckpointError` instead of hanging. A failed
+save leaves its temp folder behind; the next save of that tag replaces it.
 """
 
 from __future__ import annotations
@@ -101,8 +102,14 @@ def save_checkpoint(
         ) from local_error
     if final_error is not None:
         raise final_error
-    if layout.temp.exists():
-        raise CheckpointError(f"checkpoint {tag!r} was not saved; rank 0 reported: {_read_failure(layout)}")
+    failure = layout.temp / _FAILURE_FILE
+    if failure.exists():
+        reason = json.loads(failure.read_text())["error"]
+        raise CheckpointError(f"checkpoint {tag!r} was not saved; rank 0 reported: {reason}")
+    if not (layout.final / INDEX_FILE).is_file():
+        raise CheckpointError(
+            f"checkpoint {tag!r} was not saved: rank 0 did not finish it; do all ranks pass the same directory and tag?"
+        )
     return layout.final
 
 
@@ -153,7 +160,7 @@ def _finalize(layout: CheckpointLayout, metadata: Mapping[str, Any], world_size:
     if missing:
         raise CheckpointError(
             f"{missing} missing after the barrier: does barrier() synchronise all {world_size} ranks, "
-            "and do they share this directory?"
+            "and do they all pass the same directory (on a shared file system) and tag?"
         )
     _remove_leftovers(layout.temp, keep=expected)
     records: list[ShardRecord] = []
@@ -181,7 +188,7 @@ def _finalize(layout: CheckpointLayout, metadata: Mapping[str, Any], world_size:
 def _read_rank_header(path: Path) -> tuple[list[ShardRecord], dict[str, Any]]:
     with safe_open(path, framework="pt") as handle:
         header = handle.metadata() or {}
-        numels = {key: handle.get_slice(key).get_shape()[0] for key in handle.keys()}  # noqa: SIM118
+        numels = {key: handle.get_slice(key).get_shape()[0] for key in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
     if _SHARDS_HEADER not in header:
         raise CheckpointError(f"{path} has no ds shard table; it was not written by save_checkpoint")
     table = json.loads(header[_SHARDS_HEADER])
@@ -236,13 +243,6 @@ def _write_json(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value, indent=1) + "\n")
     _fsync(path)
-
-
-def _read_failure(layout: CheckpointLayout) -> str:
-    marker = layout.temp / _FAILURE_FILE
-    if not marker.exists():
-        return "nothing (did rank 0 call save_checkpoint with the same tag?)"
-    return str(json.loads(marker.read_text())["error"])
 
 
 def _error_file_name(rank: int) -> str:
