@@ -17,17 +17,20 @@ The per-collective cost over plain torch is a dict update for the sequence numbe
 small object, and (only with ``log_collectives``) a record. Nothing talks to the store
 or the other ranks until a collective is overdue.
 
-One ``TorchCommunicator`` per process: its heartbeats are published under this rank's
-number.
+Several communicators may live in one process (``ds.core.initialize`` called twice in a
+notebook): each publishes under its own store prefix, numbered in creation order, which
+matches across ranks because every rank creates them in the same order.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup, ReduceOp
+from torch.distributed.distributed_c10d import PrefixStore
 
 from ds.core.comm.collective_log import CollectiveLog, CollectiveRecord, CollectiveStats
 from ds.core.comm.protocol import CollectiveHandle
@@ -41,6 +44,8 @@ DEFAULT_TIMEOUT_SECONDS = 1800.0
 # older releases still need.
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+_instance_numbers = itertools.count()
 
 
 class TorchCollectiveHandle:
@@ -115,7 +120,7 @@ class TorchCommunicator:
         self._log = CollectiveLog() if log_collectives else None
         # torch has no public accessor for the default group's store; using it needs no new
         # connection or port, since its rendezvous already connected every rank to it.
-        store = dist.distributed_c10d._get_default_store()
+        store = PrefixStore(f"ds/comm/{next(_instance_numbers)}/", dist.distributed_c10d._get_default_store())
         self._watchdog = Watchdog(
             store,
             self._rank,

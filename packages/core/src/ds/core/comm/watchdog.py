@@ -52,8 +52,8 @@ from ds.core.errors import CollectiveTimeoutError, ConfigError
 HEARTBEAT_SECONDS = 1.0
 """How often each rank publishes its collective counts; also the polling period."""
 
-HEARTBEAT_KEY_PREFIX = "ds/comm/heartbeat/"
-"""Store key prefix; the rank number follows. One communicator per process owns it."""
+HEARTBEAT_KEY_PREFIX = "heartbeat/"
+"""Store key prefix; the rank number follows."""
 
 _STALE_HEARTBEATS = 3
 """A peer silent for this many heartbeat periods is reported as dead or frozen."""
