@@ -52,3 +52,12 @@ def ds_register_kernel_backends(register: Callable[..., None]) -> None:
     from ds.core.kernels import TorchReferenceBackend
 
     register(TorchReferenceBackend())
+
+
+@hookimpl
+def ds_register_commands(register: Callable[..., None]) -> None:
+    from ds.core.cli import Command
+    from ds.core.config import command as config_command
+
+    register("config", Command(help="validate a config file and print it resolved",
+                               configure=config_command.configure, run=config_command.run))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -49,7 +50,9 @@ def _worker(
     torch.set_num_threads(1)
     try:
         value = fn(*args)
-        results.put((rank, True, value))
+        # Plain pickle bytes: the queue's own pickler would share tensors through file
+        # descriptors that die with this process before the parent reads them.
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -98,7 +101,7 @@ def run_distributed(
                     f"ranks {missing} did not finish within {timeout:.0f}s"
                 ) from exc
             if ok:
-                collected[rank] = value
+                collected[rank] = pickle.loads(value)
             else:
                 failures.append(f"rank {rank} failed:\n{value}")
                 break

@@ -61,7 +61,9 @@ def reference_run(config: dict[str, Any], steps: int) -> tuple[list[float], dict
     from ds.core.config import load_config
     from ds.core.schedulers import build_scheduler
 
-    cfg = load_config(config, world_size=1)
+    # Same global batch as the distributed run it is compared with.
+    world = config["train_batch_size"] // (config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"])
+    cfg = load_config(config, world_size=world)
     model = make_model()
     params = dict(config["optimizer"]["params"])
     optimizer = torch.optim.AdamW(model.parameters(), **params)
