@@ -10,7 +10,7 @@ import pytest
 
 from ds.core.config import load_config
 from ds.core.errors import ConfigError, MissingPillarError
-from ds.core.plugins import Components, load_components, make_plugin_set
+from ds.core.plugins import Components, PluginFailure, PluginInfo, load_components, make_plugin_set
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -204,3 +204,21 @@ def test_errors_in_a_file_start_with_the_file_name(tmp_path: Path, components: C
     path.write_text('{"fp16": {"enabled": true, "loss_scal": 0}}')
 
     assert error_of(path, components).startswith(f"{path}: unknown key 'fp16.loss_scal'; did you mean 'loss_scale'?")
+
+
+def test_pillar_errors_say_when_the_pillar_is_installed_but_broken_or_too_old() -> None:
+    failed = make_plugin_set(autoload=False)
+    failed.failures.append(PluginFailure("zero", "ds.zero.plugin", "ds-zero", "ImportError: libcudart.so.12"))
+    too_old = make_plugin_set(autoload=False)
+    too_old.loaded.append(PluginInfo("zero", "ds.zero.plugin", "ds-zero", "0.0.1"))
+    source = {"zero_optimization": {"stage": 1}}
+
+    with pytest.raises(MissingPillarError) as broken:
+        load_config(source, components=load_components(failed))
+    with pytest.raises(MissingPillarError) as old:
+        load_config(source, components=load_components(too_old))
+
+    assert str(broken.value) == ("config key 'zero_optimization' needs ds-zero, which is installed but failed to load: "
+                                 'ImportError: libcudart.so.12. Fix: reinstall it with pip install "ds-core[zero]"')
+    assert str(old.value) == ("config key 'zero_optimization' needs ds-zero, but the installed version (0.0.1) does "
+                              'not register it. Fix: upgrade it with pip install --upgrade "ds-core[zero]"')

@@ -192,3 +192,17 @@ def test_communication_dtype_accepts_deepspeed_spellings(components: Components)
     assert config.communication_data_type == "fp16"
     assert config.steps_per_print == 10
     assert config.seed == 1234
+
+
+@pytest.mark.parametrize(
+    "name", ["bert_fp16_warmup.json", "llama_bf16_cosine.yaml", "onecycle_sgd.json", "lr_range_test.json"])
+def test_resolved_schedules_build_with_the_scheduler_factory(name: str, components: Components) -> None:
+    from ds.core.schedulers import SCHEDULERS, build_scheduler
+
+    config = load_config(CONFIGS / name, world_size=4, components=components)
+    assert config.scheduler is not None
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
+
+    schedule = build_scheduler(config.scheduler, optimizer)
+
+    assert type(schedule) is SCHEDULERS[config.scheduler.type]

@@ -101,7 +101,7 @@ def _resolve(raw: dict[str, Any], world_size: int, dp_world_size: int | None, mo
     context = AutoContext.from_model(model, world_size=world_size, total_num_steps=total_num_steps)
     mesh = validate_section(MeshConfig, data.get("mesh", {}), "mesh", _visitors(context))
     check_mesh_pillars(mesh.model_dump(), registry, components.plugins)
-    dp = mesh.data_parallel_size(world_size)
+    dp = mesh.data_parallel_size(world_size)  # checks the mesh fits the world even when dp is given
     if dp_world_size is not None:
         dp = dp_world_size
     context = replace(context, dp_world_size=dp, learning_rate=optimizer_learning_rate(data))

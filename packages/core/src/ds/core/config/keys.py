@@ -211,4 +211,8 @@ def _missing_pillar_message(what: str, pillar: Pillar, plugins: PluginSet) -> st
     if failure is not None:
         return (f"{what} needs {pillar.distribution}, which is installed but failed to load: "
                 f"{failure.error}. Fix: reinstall it with {pillar.install_command}")
+    loaded = next((p for p in plugins.loaded if p.distribution == pillar.distribution), None)
+    if loaded is not None:
+        return (f"{what} needs {pillar.distribution}, but the installed version ({loaded.version}) does not "
+                f"register it. Fix: upgrade it with pip install --upgrade \"ds-core[{pillar.extra}]\"")
     return f"{what} needs {pillar.distribution}, which is not installed. Fix: {pillar.install_command}"
