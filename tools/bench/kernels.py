@@ -18,7 +18,7 @@ import math
 import platform
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +229,7 @@ def environment() -> dict[str, Any]:
         "gpu": props.name, "multiprocessors": props.multi_processor_count,
         "memory_gib": round(props.total_memory / 2**30, 1), "torch": torch.__version__,
         "cuda": torch.version.cuda, "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     try:
         import triton
@@ -304,7 +304,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"kernels-{env['gpu'].replace(' ', '_')}-{env['date'][:10]}"
     payload = {"environment": env, "copy_gbs": copy_gbs,
-               "cases": [{k: v for k, v in asdict(c).items() if k != "variants"} for c in cases]}
+               "cases": [{"name": c.name, "bytes_moved": c.bytes_moved, "results_ms": c.results_ms,
+                          "errors": c.errors} for c in cases]}
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
     table = markdown(env, copy_gbs, cases)
     (args.out / f"{stem}.md").write_text(table)

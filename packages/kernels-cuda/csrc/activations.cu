@@ -106,7 +106,10 @@ bias_gelu_forward_kernel(const T* __restrict__ x, const T* __restrict__ bias, T*
   }
 }
 
-// Block (blockIdx.x, blockIdx.y): column strip blockIdx.x, rows blockIdx.y + k * gridDim.y.
+// Block (blockIdx.x, blockIdx.y): column strip blockIdx.x, rows blockIdx.y + k * gridDim.y,
+// loaded kRowBatch rows at a time so several independent loads are in flight per thread.
+constexpr int kRowBatch = 4;
+
 template <typename T, int VEC, bool kTanh>
 __global__ void __launch_bounds__(kThreads)
 bias_gelu_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x,
@@ -119,17 +122,29 @@ bias_gelu_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x,
   load_floats<VEC>(bias + col, b);
 #pragma unroll
   for (int k = 0; k < VEC; ++k) acc[k] = 0.0f;
-  for (std::int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    const std::int64_t offset = row * hidden + col;
-    float v[VEC], g[VEC];
-    load_floats<VEC>(x + offset, v);
-    load_floats<VEC>(dy + offset, g);
+  const std::int64_t stride = gridDim.y;
+  for (std::int64_t first = blockIdx.y; first < rows; first += kRowBatch * stride) {
+    float v[kRowBatch][VEC], g[kRowBatch][VEC];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      g[k] *= gelu_grad<kTanh>(v[k] + b[k]);
-      acc[k] += g[k];
+    for (int r = 0; r < kRowBatch; ++r) {
+      const std::int64_t row = first + r * stride;
+      if (row < rows) {
+        load_floats<VEC>(x + row * hidden + col, v[r]);
+        load_floats<VEC>(dy + row * hidden + col, g[r]);
+      }
     }
-    store_floats<VEC>(dx + offset, g);
+#pragma unroll
+    for (int r = 0; r < kRowBatch; ++r) {
+      const std::int64_t row = first + r * stride;
+      if (row < rows) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          g[r][k] *= gelu_grad<kTanh>(v[r][k] + b[k]);
+          acc[k] += g[r][k];
+        }
+        store_floats<VEC>(dx + row * hidden + col, g[r]);
+      }
+    }
   }
   store_floats<VEC>(dbias_partial + static_cast<std::int64_t>(blockIdx.y) * hidden + col, acc);
 }

@@ -39,8 +39,8 @@ __device__ __forceinline__ void adam_update(float (&p)[N], float (&g)[N], float 
     } else {
       grad += h.weight_decay * p[i];
     }
-    m[i] = h.beta1 * m[i] + (1.0f - h.beta1) * grad;
-    v[i] = h.beta2 * v[i] + (1.0f - h.beta2) * grad * grad;
+    m[i] = h.beta1 * m[i] + h.one_minus_beta1 * grad;
+    v[i] = h.beta2 * v[i] + h.one_minus_beta2 * grad * grad;
     const float denom = sqrtf(v[i]) / bc2_sqrt + h.eps;
     p[i] -= step_size * (m[i] / denom);
   }

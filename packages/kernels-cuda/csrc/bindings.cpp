@@ -45,11 +45,16 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("adam_step",
         [](Ptr table, int64_t num_tensors, int64_t total_chunks, int param_dtype, int grad_dtype,
-           int copy_dtype, bool vectorized, float lr, float beta1, float beta2, float eps,
-           float weight_decay, float bias_correction1, float bias_correction2, float grad_scale,
+           int copy_dtype, bool vectorized, double lr, double beta1, double beta2, double eps,
+           double weight_decay, double bias_correction1, double bias_correction2, double grad_scale,
            bool decoupled, Stream stream) {
-          const ds::AdamHyper hyper{lr, beta1, beta2, eps, weight_decay,
-                                    bias_correction1, bias_correction2, grad_scale, decoupled};
+          const ds::AdamHyper hyper{static_cast<float>(lr), static_cast<float>(beta1),
+                                    static_cast<float>(beta2), static_cast<float>(1.0 - beta1),
+                                    static_cast<float>(1.0 - beta2), static_cast<float>(eps),
+                                    static_cast<float>(weight_decay),
+                                    static_cast<float>(bias_correction1),
+                                    static_cast<float>(bias_correction2),
+                                    static_cast<float>(grad_scale), decoupled};
           check(ds::adam_step(table, num_tensors, total_chunks, param_dtype, grad_dtype, copy_dtype,
                               vectorized, hyper, stream),
                 "adam_step");
@@ -70,7 +75,11 @@ PYBIND11_MODULE(_C, m) {
     check(ds::column_sum(partial, out, rows, columns, out_dtype, s), "column_sum");
   });
   m.def("norm_max_hidden", &ds::norm_max_hidden);
-  m.def("norm_block_threads", &ds::norm_block_threads);
+  m.def("norm_backward_partials", [](int64_t rows, int64_t hidden, bool rms, int x_dtype, int w_dtype) {
+    int partials = 0;
+    check(ds::norm_backward_partials(rows, hidden, rms, x_dtype, w_dtype, &partials), "norm_backward_partials");
+    return partials;
+  });
 
   m.def("swiglu_forward", [](Ptr x, Ptr y, int64_t rows, int64_t hidden, int dtype, Stream s) {
     check(ds::swiglu_forward(x, y, rows, hidden, dtype, s), "swiglu_forward");

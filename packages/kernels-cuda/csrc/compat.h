@@ -24,6 +24,12 @@ using ds_error_t = hipError_t;
 #define DS_WARP_SIZE 64
 #endif
 #define DS_SHFL_XOR(value, mask, width) __shfl_xor((value), (mask), (width))
+#define DS_FUNC_SET_MAX_DYNAMIC_SMEM(kernel, bytes) \
+  hipFuncSetAttribute(reinterpret_cast<const void*>(kernel), hipFuncAttributeMaxDynamicSharedMemorySize, (bytes))
+#define DS_OCCUPANCY_BLOCKS_PER_SM hipOccupancyMaxActiveBlocksPerMultiprocessor
+#define DS_GET_DEVICE hipGetDevice
+#define DS_DEVICE_MULTIPROCESSORS(out, device) \
+  hipDeviceGetAttribute((out), hipDeviceAttributeMultiprocessorCount, (device))
 
 #else
 #include <cuda_fp16.h>
@@ -36,6 +42,12 @@ using ds_error_t = cudaError_t;
 #define DS_ERROR_STRING cudaGetErrorString
 #define DS_WARP_SIZE 32
 #define DS_SHFL_XOR(value, mask, width) __shfl_xor_sync(0xffffffffu, (value), (mask), (width))
+#define DS_FUNC_SET_MAX_DYNAMIC_SMEM(kernel, bytes) \
+  cudaFuncSetAttribute((kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, (bytes))
+#define DS_OCCUPANCY_BLOCKS_PER_SM cudaOccupancyMaxActiveBlocksPerMultiprocessor
+#define DS_GET_DEVICE cudaGetDevice
+#define DS_DEVICE_MULTIPROCESSORS(out, device) \
+  cudaDeviceGetAttribute((out), cudaDevAttrMultiProcessorCount, (device))
 #endif
 
 // Launch results travel back to Python as a message (nullptr on success), so the bindings

@@ -20,8 +20,9 @@ using Ptr = std::uintptr_t;
 constexpr std::int64_t kAdamChunk = 16384;
 constexpr int kAdamTableColumns = 7;
 
+// beta and 1 - beta both arrive rounded from double: 1 - float(0.999) would be off by 1e-5.
 struct AdamHyper {
-  float lr, beta1, beta2, eps, weight_decay;
+  float lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay;
   float bias_correction1, bias_correction2;  // 1 - beta^step, computed by the caller
   float grad_scale;                           // multiplies every gradient (loss-scale undo)
   bool decoupled;                             // AdamW (true) or L2-regularised Adam
@@ -53,9 +54,10 @@ const char* column_sum(Ptr partial, Ptr out, std::int64_t rows, std::int64_t col
 // is a multiple of 16 bytes' worth of elements and every row start is 16-byte aligned.
 std::int64_t norm_max_hidden(bool vectorized);
 
-// Threads per block the norm kernels use for a row of `hidden` elements moved
-// `vector_width` at a time (16 bytes' worth, or 1 on the scalar path).
-int norm_block_threads(std::int64_t hidden, int vector_width);
+// How many partial rows norm_backward should use: as many blocks as fit on the GPU at once
+// (at most `rows`). Shared-memory accumulators make this depend on hidden and the dtypes.
+const char* norm_backward_partials(std::int64_t rows, std::int64_t hidden, bool rms, int x_dtype,
+                                   int w_dtype, int* partials);
 
 // ---- activations ------------------------------------------------------------------------
 // SwiGLU over x = [gate | up] (last dim 2*hidden): y = silu(gate) * up.

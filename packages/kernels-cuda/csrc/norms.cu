@@ -4,7 +4,9 @@
 // is read from memory once, the statistics come from block sums, and the output is written
 // once. The backward pass recomputes mean/rstd from x (a block sum costs no memory
 // traffic), re-reads dy from cache for its second pass, and accumulates dweight/dbias per
-// block in registers over a persistent loop of rows; column_sum folds those partials.
+// block in shared memory (laid out [element k of a vector][vector], so a warp's accesses hit
+// distinct banks) over a persistent loop of rows; column_sum folds those partials. Keeping
+// the accumulators out of registers lets twice as many threads stay resident.
 #include "dtypes.h"
 #include "kernels.h"
 #include "reduce.h"
@@ -24,12 +26,12 @@ constexpr std::int64_t max_hidden(bool vectorized) {
 
 int norm_threads(std::int64_t hidden, int vec) {
   const std::int64_t vectors = hidden / vec;
-  const std::int64_t per_thread = (vec == 1 ? kFloatsPerThread<1> : kFloatsPerThread<4>) / vec;
-  std::int64_t threads = (vectors + per_thread - 1) / per_thread;  // fewest threads that fit
+  const std::int64_t capacity = (vec == 1 ? kFloatsPerThread<1> : kFloatsPerThread<4>) / vec;
+  // About four vectors per thread: enough loads in flight per thread, and blocks small
+  // enough that many rows are in flight per multiprocessor.
+  const std::int64_t per_thread = capacity < 4 ? capacity : 4;
+  std::int64_t threads = (vectors + per_thread - 1) / per_thread;
   threads = ((threads + DS_WARP_SIZE - 1) / DS_WARP_SIZE) * DS_WARP_SIZE;
-  // More threads than that spread the row thinner: more loads in flight per row.
-  const std::int64_t wide = ((vectors / 2 + DS_WARP_SIZE - 1) / DS_WARP_SIZE) * DS_WARP_SIZE;
-  threads = wide > threads ? wide : threads;
   if (threads < DS_WARP_SIZE) threads = DS_WARP_SIZE;
   if (threads > kNormMaxThreads) threads = kNormMaxThreads;
   return static_cast<int>(threads);
@@ -109,13 +111,22 @@ norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                      std::int64_t rows, std::int64_t hidden, float eps) {
   constexpr int kIters = kFloatsPerThread<VEC> / VEC;
   __shared__ float scratch[32];
+  extern __shared__ float accumulators[];  // dweight[VEC][vectors], then dbias (LayerNorm)
   const int vectors = static_cast<int>(hidden / VEC);
   const float inv_hidden = 1.0f / static_cast<float>(hidden);
-  float dw[kIters][VEC], db[kIters][VEC];
+  float* dw = accumulators;
+  float* db = accumulators + hidden;
+  // Each thread only ever touches the slots of its own vectors: no barrier needed.
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
+    const int vi = threadIdx.x + it * blockDim.x;
+    if (vi < vectors) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) dw[it][k] = db[it][k] = 0.0f;
+      for (int k = 0; k < VEC; ++k) {
+        dw[k * vectors + vi] = 0.0f;
+        if (!kRms) db[k * vectors + vi] = 0.0f;
+      }
+    }
   }
 
   for (std::int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -161,8 +172,8 @@ norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x,
           const float wg = w[k] * g[k];
           dot += wg * xhat[it][k];
           gsum += wg;
-          dw[it][k] += g[k] * xhat[it][k];
-          if (!kRms) db[it][k] += g[k];
+          dw[k * vectors + vi] += g[k] * xhat[it][k];
+          if (!kRms) db[k * vectors + vi] += g[k];
         }
       }
     }
@@ -192,8 +203,15 @@ norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x,
   for (int it = 0; it < kIters; ++it) {
     const int vi = threadIdx.x + it * blockDim.x;
     if (vi < vectors) {
-      store_floats<VEC>(dw_row + static_cast<std::int64_t>(vi) * VEC, dw[it]);
-      if (!kRms && db_row != nullptr) store_floats<VEC>(db_row + static_cast<std::int64_t>(vi) * VEC, db[it]);
+      float out[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out[k] = dw[k * vectors + vi];
+      store_floats<VEC>(dw_row + static_cast<std::int64_t>(vi) * VEC, out);
+      if (!kRms && db_row != nullptr) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) out[k] = db[k * vectors + vi];
+        store_floats<VEC>(db_row + static_cast<std::int64_t>(vi) * VEC, out);
+      }
     }
   }
 }
@@ -234,19 +252,56 @@ const char* launch_forward(const T* x, const W* w, const W* b, T* y, float* mean
   DS_RETURN_LAUNCH_STATUS();
 }
 
+std::size_t backward_smem(std::int64_t hidden, bool rms) {
+  return static_cast<std::size_t>(hidden) * sizeof(float) * (rms ? 1 : 2);
+}
+
+template <typename T, typename W, int VEC, bool kRms>
+auto backward_kernel() {
+  return norm_backward_kernel<T, W, VEC, kRms>;
+}
+
+// Raises the kernel's dynamic shared-memory limit when the accumulators need more than the
+// default 48 KiB, then reports how many blocks fit on a multiprocessor.
+template <typename Kernel>
+ds_error_t prepare_backward(Kernel kernel, int threads, std::size_t smem, int* blocks_per_sm) {
+  ds_error_t status = DS_FUNC_SET_MAX_DYNAMIC_SMEM(kernel, static_cast<int>(smem));
+  if (status != DS_SUCCESS) return status;
+  return DS_OCCUPANCY_BLOCKS_PER_SM(blocks_per_sm, kernel, threads, smem);
+}
+
 template <typename T, typename W, bool kRms>
 const char* launch_backward(const T* dy, const T* x, const W* w, T* dx, float* dw, float* db,
                             std::int64_t rows, std::int64_t hidden, float eps, int partials,
                             bool vectorized, ds_stream_t stream) {
+  const std::size_t smem = backward_smem(hidden, kRms);
+  int blocks_per_sm = 0;
   if (vectorized) {
     constexpr int V = kVec16<T>;
-    norm_backward_kernel<T, W, V, kRms><<<partials, norm_threads(hidden, V), 0, stream>>>(
-        dy, x, w, dx, dw, db, rows, hidden, eps);
+    auto kernel = backward_kernel<T, W, V, kRms>();
+    const int threads = norm_threads(hidden, V);
+    if (prepare_backward(kernel, threads, smem, &blocks_per_sm) != DS_SUCCESS) DS_RETURN_LAUNCH_STATUS();
+    kernel<<<partials, threads, smem, stream>>>(dy, x, w, dx, dw, db, rows, hidden, eps);
   } else {
-    norm_backward_kernel<T, W, 1, kRms><<<partials, norm_threads(hidden, 1), 0, stream>>>(
-        dy, x, w, dx, dw, db, rows, hidden, eps);
+    auto kernel = backward_kernel<T, W, 1, kRms>();
+    const int threads = norm_threads(hidden, 1);
+    if (prepare_backward(kernel, threads, smem, &blocks_per_sm) != DS_SUCCESS) DS_RETURN_LAUNCH_STATUS();
+    kernel<<<partials, threads, smem, stream>>>(dy, x, w, dx, dw, db, rows, hidden, eps);
   }
   DS_RETURN_LAUNCH_STATUS();
+}
+
+template <typename T, typename W, bool kRms>
+const char* backward_occupancy(std::int64_t hidden, bool vectorized, int* blocks_per_sm) {
+  const std::size_t smem = backward_smem(hidden, kRms);
+  ds_error_t status;
+  if (vectorized) {
+    constexpr int V = kVec16<T>;
+    status = prepare_backward(backward_kernel<T, W, V, kRms>(), norm_threads(hidden, V), smem, blocks_per_sm);
+  } else {
+    status = prepare_backward(backward_kernel<T, W, 1, kRms>(), norm_threads(hidden, 1), smem, blocks_per_sm);
+  }
+  return status == DS_SUCCESS ? nullptr : DS_ERROR_STRING(status);
 }
 
 // Vector accesses need every row start aligned, hence hidden % VEC as well as the bases.
@@ -263,7 +318,25 @@ bool can_vectorize(std::int64_t hidden, std::initializer_list<Ptr> ptrs) {
 
 std::int64_t norm_max_hidden(bool vectorized) { return max_hidden(vectorized); }
 
-int norm_block_threads(std::int64_t hidden, int vector_width) { return norm_threads(hidden, vector_width); }
+const char* norm_backward_partials(std::int64_t rows, std::int64_t hidden, bool rms, int x_dtype,
+                                   int w_dtype, int* partials) {
+  int blocks_per_sm = 0, device = 0, multiprocessors = 0;
+  const char* error = nullptr;
+  DS_DISPATCH_FLOAT(x_dtype, T,
+    DS_DISPATCH_FLOAT(w_dtype, W,
+      // The launcher makes every base 16-byte aligned, so sizes alone decide the path.
+      const bool vec = hidden % kVec16<T> == 0 && hidden % kVec16<W> == 0 && hidden % kVec16<float> == 0;
+      error = rms ? backward_occupancy<T, W, true>(hidden, vec, &blocks_per_sm)
+                  : backward_occupancy<T, W, false>(hidden, vec, &blocks_per_sm)));
+  if (error != nullptr) return error;
+  if (DS_GET_DEVICE(&device) != DS_SUCCESS ||
+      DS_DEVICE_MULTIPROCESSORS(&multiprocessors, device) != DS_SUCCESS) {
+    DS_RETURN_LAUNCH_STATUS();
+  }
+  const std::int64_t resident = static_cast<std::int64_t>(blocks_per_sm > 0 ? blocks_per_sm : 1) * multiprocessors;
+  *partials = static_cast<int>(rows < resident ? (rows > 0 ? rows : 1) : resident);
+  return nullptr;
+}
 
 const char* norm_forward(Ptr x, Ptr weight, Ptr bias, Ptr y, Ptr mean, Ptr rstd,
                          std::int64_t rows, std::int64_t hidden, float eps, bool rms,

@@ -1,9 +1,9 @@
 // Block-wise int8/int4 quantisation and dequantisation (symmetric and asymmetric).
 //
-// Every thread owns 8 consecutive elements, so a group of G elements is G/8 neighbouring
+// Every thread owns 16 consecutive elements, so a group of G elements is G/16 neighbouring
 // lanes of one warp and its absmax or min/max is a few shuffles; x is read once, codes
-// and the per-group scale/offset written once. Eight elements are 16 bytes of a 16-bit
-// input (one access), 8 bytes of int8 codes or 4 bytes of packed int4 codes.
+// and the per-group scale/offset written once. Sixteen elements are two 16-byte accesses
+// of a 16-bit input (both in flight at once), 16 bytes of int8 codes or 8 of packed int4.
 #include "dtypes.h"
 #include "kernels.h"
 #include "reduce.h"
@@ -12,7 +12,7 @@ namespace ds {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kPerThread = 8;
+constexpr int kPerThread = 16;
 
 struct QuantSpec {
   int bits;
@@ -23,7 +23,7 @@ struct QuantSpec {
 };
 
 template <typename T>
-__device__ __forceinline__ void load8(const T* x, std::int64_t start, std::int64_t numel,
+__device__ __forceinline__ void load_chunk(const T* x, std::int64_t start, std::int64_t numel,
                                       bool vectorized, float (&v)[kPerThread]) {
   if (vectorized && start + kPerThread <= numel) {
     constexpr int V = kVec16<T>;
@@ -41,7 +41,7 @@ __device__ __forceinline__ void load8(const T* x, std::int64_t start, std::int64
 }
 
 template <typename T>
-__device__ __forceinline__ void store8(T* y, std::int64_t start, std::int64_t numel,
+__device__ __forceinline__ void store_chunk(T* y, std::int64_t start, std::int64_t numel,
                                        bool vectorized, const float (&v)[kPerThread]) {
   if (vectorized && start + kPerThread <= numel) {
     constexpr int V = kVec16<T>;
@@ -60,7 +60,7 @@ __device__ __forceinline__ void store8(T* y, std::int64_t start, std::int64_t nu
   }
 }
 
-// kLanes = group_size / 8 threads cooperate on one group.
+// kLanes = group_size / kPerThread threads cooperate on one group.
 template <typename T, int kLanes>
 __global__ void __launch_bounds__(kThreads)
 quantize_kernel(const T* __restrict__ x, std::uint8_t* __restrict__ codes,
@@ -70,7 +70,7 @@ quantize_kernel(const T* __restrict__ x, std::uint8_t* __restrict__ codes,
   const std::int64_t start = thread * kPerThread;
   const std::int64_t group = thread / kLanes;
   float v[kPerThread];
-  load8(x, start, numel, vectorized, v);
+  load_chunk(x, start, numel, vectorized, v);
 
   float lo = INFINITY, hi = -INFINITY;
 #pragma unroll
@@ -173,7 +173,7 @@ dequantize_kernel(const std::uint8_t* __restrict__ codes, const float* __restric
   float v[kPerThread];
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) v[k] = static_cast<float>(q[k]) * scale + offset;
-  store8(y, start, numel, vectorized, v);
+  store_chunk(y, start, numel, vectorized, v);
 }
 
 const char* check_spec(int group_size, int bits) {
@@ -206,10 +206,10 @@ const char* quantize_blockwise(Ptr x, Ptr codes, Ptr scales, Ptr offsets, std::i
   DS_DISPATCH_FLOAT(dtype, T,
     auto* xp = reinterpret_cast<const T*>(x);
     switch (group_size / kPerThread) {
+      case 2: quantize_kernel<T, 2><<<blocks, kThreads, 0, stream>>>(xp, cp, sp, op, numel, spec, vectorized); break;
       case 4: quantize_kernel<T, 4><<<blocks, kThreads, 0, stream>>>(xp, cp, sp, op, numel, spec, vectorized); break;
       case 8: quantize_kernel<T, 8><<<blocks, kThreads, 0, stream>>>(xp, cp, sp, op, numel, spec, vectorized); break;
-      case 16: quantize_kernel<T, 16><<<blocks, kThreads, 0, stream>>>(xp, cp, sp, op, numel, spec, vectorized); break;
-      default: quantize_kernel<T, 32><<<blocks, kThreads, 0, stream>>>(xp, cp, sp, op, numel, spec, vectorized); break;
+      default: quantize_kernel<T, 16><<<blocks, kThreads, 0, stream>>>(xp, cp, sp, op, numel, spec, vectorized); break;
     });
   DS_RETURN_LAUNCH_STATUS();
 }

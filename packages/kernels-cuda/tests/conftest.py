@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from ds.core.kernels import KernelSelection, install_kernels, reset_kernels
 from ds.core.plugins import Components, load_components, make_plugin_set
 

@@ -6,6 +6,7 @@ from importlib.metadata import entry_points
 
 import pytest
 import torch
+
 from ds.core.kernels import plan_kernels
 from ds.kernels.cuda._native import NativeLibrary, NativeUnavailableError, covers
 from ds.kernels.cuda.backend import LAUNCHERS

@@ -63,8 +63,3 @@ def ptr(t: torch.Tensor | None) -> int:
 def multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
-
-def partial_rows(rows: int, device: torch.device, blocks_per_sm: int) -> int:
-    """How many per-block partial sums a persistent reduction launches (at least 1)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return max(1, min(rows, multiprocessors(index) * blocks_per_sm))

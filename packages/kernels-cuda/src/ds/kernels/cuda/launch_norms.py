@@ -10,7 +10,6 @@ from torch import Tensor
 from ._launch import (
     dense,
     on_device,
-    partial_rows,
     ptr,
     reference,
     stream,
@@ -53,9 +52,8 @@ def _backward(ext: ModuleType, grad: Tensor, x: Tensor, weight: Tensor, eps: flo
     weight = dense(weight)
     rows = x2.shape[0]
     dx = torch.empty_like(x2)
-    vectorized = hidden % vector_width(x, weight) == 0
-    threads = ext.norm_block_threads(hidden, 16 // x.element_size() if vectorized else 1)
-    partials = partial_rows(rows, x.device, max(1, 512 // threads))
+    with on_device(x):
+        partials = ext.norm_backward_partials(rows, hidden, rms, dtype_code(x.dtype), dtype_code(weight.dtype))
     dw_partial = torch.empty(partials, hidden, device=x.device, dtype=torch.float32)
     db_partial = None if rms else torch.empty_like(dw_partial)
     dweight = torch.empty_like(weight)

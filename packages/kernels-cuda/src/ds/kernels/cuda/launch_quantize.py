@@ -45,6 +45,7 @@ def dequantize_blockwise(ext: ModuleType, codes: Tensor, scales: Tensor, offsets
     offsets = dense(offsets) if not symmetric else offsets
     out = torch.empty(numel, dtype=dtype, device=codes.device)
     with on_device(codes):
-        ext.dequantize_blockwise(codes.data_ptr(), scales.data_ptr(), 0 if symmetric else offsets.data_ptr(), out.data_ptr(),
-                                 numel, group_size, bits, symmetric, dtype_code(dtype), stream())
+        offsets_ptr = 0 if symmetric else offsets.data_ptr()
+        ext.dequantize_blockwise(codes.data_ptr(), scales.data_ptr(), offsets_ptr, out.data_ptr(), numel, group_size,
+                                 bits, symmetric, dtype_code(dtype), stream())
     return out

@@ -53,7 +53,9 @@ def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
     return F.gelu(x.float() + bias.float(), approximate=approximate).to(x.dtype)
 
 
-def bias_gelu_backward(grad_output: Tensor, x: Tensor, bias: Tensor, approximate: str = "none") -> tuple[Tensor, Tensor]:
+def bias_gelu_backward(
+    grad_output: Tensor, x: Tensor, bias: Tensor, approximate: str = "none"
+) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`bias_gelu` for x and bias."""
     pre = x.float() + bias.float()
     grad_x = torch.ops.aten.gelu_backward(grad_output.float(), pre, approximate=approximate)
