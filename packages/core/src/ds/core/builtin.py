@@ -56,8 +56,11 @@ def ds_register_kernel_backends(register: Callable[..., None]) -> None:
 
 @hookimpl
 def ds_register_commands(register: Callable[..., None]) -> None:
+    from ds.core.checkpoint import command as checkpoint_command
     from ds.core.cli import Command
     from ds.core.config import command as config_command
 
     register("config", Command(help="validate a config file and print it resolved",
                                configure=config_command.configure, run=config_command.run))
+    register("checkpoint", Command(help="list checkpoints or export one as a Hugging Face model",
+                                   configure=checkpoint_command.configure, run=checkpoint_command.run))

@@ -87,3 +87,13 @@ def ds_register_optimizers(register: Callable[..., None]) -> None:
 @hookimpl
 def ds_report_lines() -> list[str]:
     return [_native.describe()]
+
+
+# The ZeRO stages: the ``zero_optimization`` section, the partitioners and the choice.
+from ds.zero.partitioners import (  # noqa: E402
+    ds_choose_partitioner,
+    ds_register_config_sections,
+    ds_register_partitioners,
+)
+
+__all__ = ["ds_choose_partitioner", "ds_register_config_sections", "ds_register_partitioners"]

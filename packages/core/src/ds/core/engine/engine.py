@@ -155,7 +155,8 @@ class Engine(nn.Module):
             step=self.global_steps, loss=loss, lr=lr, samples=samples, tokens=self._window_tokens * self.mesh.dp_size
         )
         if self.monitors.enabled and loss is not None:
-            events = [("Train/Samples/train_loss", float(loss), self.global_samples),
+            # The loss stays a tensor: monitors read it in batches when they flush.
+            events = [("Train/Samples/train_loss", loss, self.global_samples),
                       ("Train/Samples/lr", float(lr), self.global_samples)]
             if self.loss_scaler.dynamic:
                 events.append(("Train/Samples/loss_scale", self.loss_scaler.scale, self.global_samples))
@@ -181,6 +182,11 @@ class Engine(nn.Module):
             self.step()
             total = total + loss.detach().float().cpu()
         return total / self.gradient_accumulation_steps
+
+    def close(self) -> None:
+        """Flush and close monitors and the progress display (call at the end of training)."""
+        self.throughput.close()
+        self.monitors.close()
 
     def get_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]

@@ -13,6 +13,7 @@ The order is fixed and documented so plugins can rely on it:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -27,6 +28,16 @@ from ds.core.partition import PartitionContext, PrecisionPolicy
 from ds.core.plugins import Components, default_components
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _show_training_log(rank: int) -> None:
+    """Make the ``ds`` logger's INFO lines visible on rank 0 unless the user configured logging."""
+    logger = logging.getLogger("ds")
+    if rank == 0 and not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[ds] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def precision_policy(config: Any) -> PrecisionPolicy:
@@ -136,6 +147,7 @@ def initialize(
     comm_factory = components.communicators.get(cfg.communicator.backend)
     comm = comm_factory(cfg.communicator)
     mesh = Mesh.build(comm, pp=cfg.mesh.pp, tp=cfg.mesh.tp, sp=cfg.mesh.sp, ep=cfg.mesh.ep)
+    _show_training_log(comm.rank)
     install_kernels(components)
 
     precision = precision_policy(cfg)

@@ -25,15 +25,13 @@ def _rank_prefix(rank: int) -> str:
     return f"rank/{rank:05d}/"
 
 
-def _rng_shards(rank: int) -> list[Any]:
+def _rng_shards(rank: int) -> tuple[list[Any], dict[str, Any]]:
+    """This rank's generator states as tensors, plus the JSON part (Python's ``random``)."""
     from ds.core.checkpoint import TensorShard, rng_state
 
     tensors, meta = rng_state()
     prefix = _rank_prefix(rank)
-    shards = [TensorShard(f"{prefix}rng/{k}", tuple(v.shape), v.reshape(-1), 0) for k, v in tensors.items()]
-    encoded = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
-    shards.append(TensorShard(f"{prefix}rng_meta", (encoded.numel(),), encoded, 0))
-    return shards
+    return [TensorShard(f"{prefix}rng/{k}", tuple(v.shape), v.reshape(-1), 0) for k, v in tensors.items()], meta
 
 
 def _optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
@@ -73,12 +71,13 @@ def save_engine_checkpoint(engine: Engine, directory: Path, tag: str | None, cli
         "client_state": client_state,
         "config": engine.config.raw,
     }
-    shards = engine.partitioner.checkpoint_shards() + _rng_shards(engine.comm.rank)
+    rng_shards, rng_meta = _rng_shards(engine.comm.rank)
     return save_checkpoint(
         directory,
         tag,
-        shards=shards,
+        shards=engine.partitioner.checkpoint_shards() + rng_shards,
         metadata=metadata,
+        rank_metadata={"rng": rng_meta},
         rank=engine.comm.rank,
         world_size=engine.comm.world_size,
         barrier=engine.comm.barrier,
@@ -106,6 +105,5 @@ def load_engine_checkpoint(engine: Engine, directory: Path, tag: str | None) -> 
     names = [n for n in reader.names() if n.startswith(prefix + "rng/")]
     if names and meta["world_size"] == engine.comm.world_size:
         tensors = {n[len(prefix + "rng/"):]: reader.read_full(n) for n in names}
-        rng_meta = json.loads(bytes(reader.read_full(prefix + "rng_meta").tolist()).decode())
-        restore_rng_state(tensors, rng_meta)
+        restore_rng_state(tensors, reader.rank_metadata(engine.comm.rank)["rng"])
     return reader.path, meta["client_state"]
