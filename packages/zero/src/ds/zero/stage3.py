@@ -72,7 +72,7 @@ class FullyShardedPartitioner(Partitioner):
         group_names = [[names_of[id(p)] for p in g["params"] if id(p) in names_of] for g in user_groups]
         self._broadcast_from_rank0(module)
 
-        mesh = context.mesh.device_mesh["dp"] if context.mesh.device_mesh.ndim > 1 else context.mesh.device_mesh
+        mesh = context.mesh.submesh("dp")
         policy = MixedPrecisionPolicy(param_dtype=precision.param_dtype, reduce_dtype=precision.reduce_dtype)
         threshold = int(zero.stage3_param_persistence_threshold)
         units = shard_units(module)
