@@ -48,6 +48,7 @@ class GPT(nn.Module):
     def __init__(self, *, layers: int, dim: int, heads: int, context: int) -> None:
         super().__init__()
         self.embed = nn.Embedding(256, dim)
+        nn.init.normal_(self.embed.weight, std=0.02)  # tied with the output layer: keep logits small
         self.position = nn.Parameter(torch.randn(context, dim) * 0.02)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
@@ -73,7 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=HERE / "ds_config.json")
     parser.add_argument("--data", type=Path, default=HERE / "data" / "shakespeare.txt")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
