@@ -274,6 +274,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions")
     parser.add_argument("--no-deepspeed", action="store_true")
+    parser.add_argument("--only", default="", help="time only the cases whose name contains this text")
     args = parser.parse_args()
 
     from ds.core.kernels import install_kernels
@@ -283,6 +284,7 @@ def main() -> None:
     env["backends"] = {op: selection.choice(op, "cuda").backend for op in
                        ("rms_norm", "layer_norm", "swiglu", "bias_gelu", "adam_step", "quantize_blockwise")}
     copy_gbs = copy_bandwidth_gbs()
+    print(f"{env['gpu']}: device-to-device copy {copy_gbs:.0f} GB/s", flush=True)
     scale = 4 if args.quick else 1
     reps = 10 if args.quick else 30
     groups: list[Callable[[], list[Case]]] = [
@@ -293,7 +295,7 @@ def main() -> None:
     ]
     cases: list[Case] = []
     for build in groups:
-        built = build()
+        built = [case for case in build() if args.only in case.name]
         for case in built:
             run_case(case, reps)
             print(case.name, {k: round(v, 3) for k, v in case.results_ms.items()}, case.errors or "", flush=True)

@@ -108,6 +108,7 @@ bias_gelu_forward_kernel(const T* __restrict__ x, const T* __restrict__ bias, T*
 
 // Block (blockIdx.x, blockIdx.y): column strip blockIdx.x, rows blockIdx.y + k * gridDim.y,
 // loaded kRowBatch rows at a time so several independent loads are in flight per thread.
+// (Two rows with four blocks resident per multiprocessor measured slower on an H100.)
 constexpr int kRowBatch = 4;
 
 template <typename T, int VEC, bool kTanh>
