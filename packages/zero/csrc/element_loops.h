@@ -73,27 +73,23 @@ struct ScalarOps {
   static V fma(V a, V b, V c) { return __builtin_fmaf(a, b, c); }
 };
 
-// Below this many elements, waking the thread team costs more than it saves.
-constexpr std::int64_t kMinParallelElements = 1 << 15;
-// Thread ranges start on multiples of this many elements (256 bytes of fp32), so every
-// thread's vectors stay aligned relative to the buffer start and no cache line is shared.
-constexpr std::int64_t kRangeAlignment = 64;
+// Work is handed to the OpenMP threads in chunks of this many elements (128 KB of each
+// fp32 stream): small enough that a thread delayed by another process (a data loader,
+// the copy engine's driver thread) leaves its share to the others instead of stalling the
+// step, large enough that the hardware prefetchers stay trained within a chunk. Chunks
+// start on multiples of 64 elements, so no cache line is shared between threads.
+constexpr std::int64_t kChunkElements = 1 << 15;
 
-// Runs body(begin, end) over [0, n) split into one contiguous range per OpenMP thread:
-// contiguous ranges keep each thread's streams friendly to the hardware prefetcher.
+// Runs body(begin, end) over [0, n), chunk by chunk on the OpenMP threads.
 template <class Body>
-void for_each_thread_range(std::int64_t n, const Body& body) {
+void for_each_chunk(std::int64_t n, const Body& body) {
 #if defined(_OPENMP)
-  if (n >= kMinParallelElements) {
-#pragma omp parallel
-    {
-      const std::int64_t threads = omp_get_num_threads();
-      const std::int64_t thread = omp_get_thread_num();
-      std::int64_t per_thread = (n + threads - 1) / threads;
-      per_thread = (per_thread + kRangeAlignment - 1) / kRangeAlignment * kRangeAlignment;
-      const std::int64_t begin = thread * per_thread < n ? thread * per_thread : n;
-      const std::int64_t end = begin + per_thread < n ? begin + per_thread : n;
-      if (begin < end) body(begin, end);
+  if (n > kChunkElements) {
+    const std::int64_t chunks = (n + kChunkElements - 1) / kChunkElements;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (std::int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const std::int64_t begin = chunk * kChunkElements;
+      body(begin, begin + kChunkElements < n ? begin + kChunkElements : n);
     }
     return;
   }
@@ -179,7 +175,7 @@ struct AdagradRange {
 template <class Range, class Step, class G>
 void run_with_grad(const Step& s, const G* grad) {
   const auto threaded = [&](auto* copy) {
-    for_each_thread_range(s.numel, [&](std::int64_t b, std::int64_t e) {
+    for_each_chunk(s.numel, [&](std::int64_t b, std::int64_t e) {
       Range::run(s, grad, copy, b, e);
     });
   };

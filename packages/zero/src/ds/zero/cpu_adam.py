@@ -25,7 +25,7 @@ Without the native extension the same update runs in torch ops after one warning
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -55,6 +55,16 @@ class _CPUOptimizer(torch.optim.Optimizer):
                 param_state = self.state.get(param, {})
                 if "step" in param_state and not torch.is_tensor(param_state["step"]):
                     param_state["step"] = torch.tensor(float(param_state["step"]))
+
+    @overload
+    def step(self, closure: None = None, *,
+             low_precision_params: Sequence[torch.Tensor | None] | None = None,
+             grad_multiplier: float = 1.0) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float], *,
+             low_precision_params: Sequence[torch.Tensor | None] | None = None,
+             grad_multiplier: float = 1.0) -> float: ...
 
     @torch.no_grad()
     def step(

@@ -1,0 +1,413 @@
+"""CPU Adam throughput: ds-zero's CPUAdam against torch's AdamW and DeepSpeed's CPU Adam.
+
+Adam on a CPU is memory-bound: every step reads the fp32 parameter, gradient and both
+moments and writes three of them back (28 bytes per parameter, 30 with a bf16 copy). So
+besides parameters updated per second this reports bytes moved per second against the
+bandwidth of a plain 1 GB tensor copy measured on the same machine in the same run.
+
+Parameters come as tensors of ``--tensor-elements`` (10M by default, like a model's
+large weight matrices), ``--sizes`` in total. Every in-process implementation updates
+the same buffers (their optimizer states point at one shared pair of moment tensors), so
+a size costs 18 bytes per parameter once, not per implementation. Measurements are
+interleaved round by round, so load from other processes hits every implementation
+alike; the best round is the headline and the median is reported beside it.
+
+DeepSpeed runs in a separate worker process started with ``--deepspeed-python`` (a venv
+with ``deepspeed==0.19.8`` and ninja; its JIT build of cpu_adam is cached after the first
+run), interleaved with the others. DeepSpeed 0.19.8's CPU Adam has no fused
+low-precision copy, so its "+ bf16 copy" row adds a separate ``copy_``, as torch's does.
+
+    python tools/bench/cpu_adam.py --out benchmarks/results/cpu_adam
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ds.zero import CPUAdam
+from ds.zero._native import available_isas, native_extension
+
+BYTES_PER_PARAM = 28  # read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq
+BYTES_PER_COPY = 2  # the bf16 copy written in the same pass
+LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-8, 0.01
+
+_WORKER_PREFIX = "DSBENCH "
+_DEEPSPEED_WORKER = r'''
+import json, sys, time, torch
+import deepspeed
+from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+def reply(obj):
+    print("DSBENCH " + json.dumps(obj), flush=True)
+
+reply({"deepspeed": deepspeed.__version__, "torch": torch.__version__})
+params, copies, optimizer = [], [], None
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["cmd"] == "alloc":
+        params = [torch.nn.Parameter(torch.randn(n)) for n in cmd["tensor_sizes"]]
+        for p in params:
+            p.grad = torch.randn(p.numel())
+        copies = [torch.empty(p.numel(), dtype=torch.bfloat16) for p in params]
+        optimizer = DeepSpeedCPUAdam(params, lr=cmd["lr"], betas=tuple(cmd["betas"]),
+                                     eps=cmd["eps"], weight_decay=cmd["weight_decay"],
+                                     adamw_mode=True)
+        optimizer.step()
+        reply({"ok": True})
+    elif cmd["cmd"] == "time":
+        start = time.perf_counter()
+        for _ in range(cmd["steps"]):
+            optimizer.step()
+            if cmd["copy"]:
+                torch._foreach_copy_(copies, [p.detach() for p in params])
+        reply({"seconds_per_step": (time.perf_counter() - start) / cmd["steps"]})
+    elif cmd["cmd"] == "free":
+        params, copies, optimizer = [], [], None
+        reply({"ok": True})
+    else:
+        break
+'''
+
+
+class DeepSpeedWorker:
+    """DeepSpeed's CPU Adam in its own interpreter, answering timing requests over pipes."""
+
+    def __init__(self, python: str) -> None:
+        self._process = subprocess.Popen(
+            [python, "-c", _DEEPSPEED_WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True,
+        )
+        self.versions = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            if line.startswith(_WORKER_PREFIX):
+                return json.loads(line[len(_WORKER_PREFIX):])
+        raise RuntimeError("DeepSpeed worker exited; run it by hand to see why")
+
+    def request(self, **command: object) -> dict[str, Any]:
+        assert self._process.stdin is not None
+        self._process.stdin.write(json.dumps(command) + "\n")
+        self._process.stdin.flush()
+        return self._read()
+
+    def time(self, steps: int, *, copy: bool) -> float:
+        """Seconds per step over ``steps`` steps (each followed by a bf16 copy if ``copy``)."""
+        return float(self.request(cmd="time", steps=steps, copy=copy)["seconds_per_step"])
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            assert self._process.stdin is not None
+            self._process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self._process.stdin.close()
+            self._process.wait(timeout=60)
+
+
+@dataclass
+class Contender:
+    """One implementation: a callable that runs ``steps`` full optimizer steps."""
+
+    name: str
+    run: Callable[[int], float]  # returns seconds per step
+    bytes_per_param: int
+    seconds: list[float] = field(default_factory=list)
+
+
+def _timed(step: Callable[[], None]) -> Callable[[int], float]:
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return (time.perf_counter() - start) / steps
+
+    return run
+
+
+Moments = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _shared_state(optimizer: torch.optim.Optimizer, moments: Moments) -> None:
+    """Point every parameter's state at the shared moment buffers (no extra memory)."""
+    params = optimizer.param_groups[0]["params"]
+    for param, (exp_avg, exp_avg_sq) in zip(params, moments, strict=True):
+        optimizer.state[param] = {"step": torch.tensor(0.0), "exp_avg": exp_avg,
+                                  "exp_avg_sq": exp_avg_sq}
+
+
+def memory_copy_bandwidth(repeats: int = 10) -> float:
+    """Read+write bytes per second of copying one 1 GB fp32 tensor (best of ``repeats``)."""
+    src = torch.randn(2**28)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best
+
+
+def _mem_available_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _tensor_sizes(total: int, per_tensor: int) -> list[int]:
+    sizes = [per_tensor] * (total // per_tensor)
+    return sizes + ([total % per_tensor] if total % per_tensor else [])
+
+
+def bench_size(total: int, per_tensor: int, rounds: int, deepspeed: DeepSpeedWorker | None,
+               isas: list[str]) -> dict:
+    """Time every contender on ``total`` parameters, interleaved over ``rounds`` rounds."""
+    sizes = _tensor_sizes(total, per_tensor)
+    params = [torch.randn(n).requires_grad_() for n in sizes]
+    for p in params:
+        p.grad = torch.randn(p.numel())
+    moments = [(torch.zeros(n), torch.zeros(n)) for n in sizes]
+    copies = [torch.empty(n, dtype=torch.bfloat16) for n in sizes]
+    hyper: dict[str, Any] = {"lr": LR, "betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY}
+
+    contenders = []
+    for isa in isas:
+        ours = CPUAdam(params, **hyper, isa=isa)
+        _shared_state(ours, moments)
+        contenders.append(Contender(f"ds CPUAdam [{isa}]", _timed(ours.step), BYTES_PER_PARAM))
+        contenders.append(Contender(
+            f"ds CPUAdam [{isa}] + bf16 copy (fused)",
+            _timed(functools.partial(ours.step, low_precision_params=copies)),
+            BYTES_PER_PARAM + BYTES_PER_COPY))
+    fused = torch.optim.AdamW(params, **hyper, fused=True)
+    _shared_state(fused, moments)
+    foreach = torch.optim.AdamW(params, **hyper, foreach=True)
+    _shared_state(foreach, moments)
+    detached = [p.detach() for p in params]
+
+    def fused_then_copy() -> None:
+        fused.step()
+        torch._foreach_copy_(copies, detached)
+
+    contenders += [
+        Contender("torch AdamW fused", _timed(fused.step), BYTES_PER_PARAM),
+        Contender("torch AdamW fused + bf16 copy", _timed(fused_then_copy),
+                  BYTES_PER_PARAM + BYTES_PER_COPY),
+        Contender("torch AdamW foreach", _timed(foreach.step), BYTES_PER_PARAM),
+    ]
+    if deepspeed is not None:
+        deepspeed.request(cmd="alloc", tensor_sizes=sizes, lr=LR, betas=BETAS, eps=EPS,
+                          weight_decay=WEIGHT_DECAY)
+        contenders += [
+            Contender("DeepSpeedCPUAdam", functools.partial(deepspeed.time, copy=False),
+                      BYTES_PER_PARAM),
+            Contender("DeepSpeedCPUAdam + bf16 copy", functools.partial(deepspeed.time, copy=True),
+                      BYTES_PER_PARAM + BYTES_PER_COPY),
+        ]
+
+    steps = max(1, round(3e8 / total))
+    for contender in contenders:  # warm-up: first touch of states, thread pools, JIT caches
+        contender.run(1)
+    for _ in range(rounds):
+        for contender in contenders:
+            contender.seconds.append(contender.run(steps))
+    if deepspeed is not None:
+        deepspeed.request(cmd="free")
+
+    rows = {}
+    for c in contenders:
+        best, median = min(c.seconds), statistics.median(c.seconds)
+        rows[c.name] = {
+            "seconds_per_step_best": best,
+            "seconds_per_step_median": median,
+            "mparams_per_s_best": total / best / 1e6,
+            "mparams_per_s_median": total / median / 1e6,
+            "gbytes_per_s_best": total * c.bytes_per_param / best / 1e9,
+            "bytes_per_param": c.bytes_per_param,
+        }
+    return {"total_params": total, "tensors": len(sizes), "steps_per_round": steps,
+            "rounds": rounds, "results": rows}
+
+
+def _ratios(size: dict, isa: str) -> dict[str, float]:
+    rows = size["results"]
+    ours = rows[f"ds CPUAdam [{isa}]"]["mparams_per_s_best"]
+    ours_copy = rows[f"ds CPUAdam [{isa}] + bf16 copy (fused)"]["mparams_per_s_best"]
+    fused = rows["torch AdamW fused"]["mparams_per_s_best"]
+    ratios = {
+        "ours / torch fused": ours / fused,
+        "ours+bf16 copy / torch fused (no copy)": ours_copy / fused,
+        "ours+bf16 copy / torch fused + copy":
+            ours_copy / rows["torch AdamW fused + bf16 copy"]["mparams_per_s_best"],
+        "ours / torch foreach": ours / rows["torch AdamW foreach"]["mparams_per_s_best"],
+    }
+    if "DeepSpeedCPUAdam" in rows:
+        ratios["ours / DeepSpeedCPUAdam"] = ours / rows["DeepSpeedCPUAdam"]["mparams_per_s_best"]
+        ratios["ours+bf16 copy / DeepSpeedCPUAdam + copy"] = (
+            ours_copy / rows["DeepSpeedCPUAdam + bf16 copy"]["mparams_per_s_best"])
+    return ratios
+
+
+def _cpu_model() -> str:
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _parse_count(text: str) -> int:
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
+    text = text.strip().upper()
+    return int(float(text[:-1]) * scale[text[-1]]) if text[-1] in scale else int(text)
+
+
+def render_markdown(report: dict) -> str:
+    machine, isa = report["machine"], report["isa"]
+    lines = [
+        "# CPU Adam benchmark",
+        "",
+        f"- Date: {report['date']}",
+        f"- CPU: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']:.0f} GiB; "
+        f"load average at start {machine['load_average_start']}, end {machine['load_average_end']}",
+        f"- Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}",
+        f"- ds CPUAdam path: {isa} ({report['omp_threads']} OpenMP threads); paths on this CPU: "
+        f"{', '.join(report['available_isas'])}",
+        "- Memory bandwidth, 1 GB tensor copy (read+write): "
+        f"{report['copy_gbytes_per_s']:.1f} GB/s",
+        f"- AdamW, lr {LR}, weight decay {WEIGHT_DECAY}; fp32 params in tensors of "
+        f"{report['tensor_elements'] / 1e6:.0f}M elements; best of {report['rounds']} interleaved "
+        "rounds (median in brackets). Bytes moved: 28 per parameter, 30 with the bf16 copy.",
+        "",
+    ]
+    for size in report["sizes"]:
+        lines += [
+            f"## {size['total_params'] / 1e6:.0f}M parameters ({size['tensors']} tensors)",
+            "",
+            "| implementation | M params/s | GB/s moved | % of copy bandwidth | ms/step |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for name, row in size["results"].items():
+            share = 100 * row["gbytes_per_s_best"] / report["copy_gbytes_per_s"]
+            lines.append(
+                f"| {name} | {row['mparams_per_s_best']:.0f} ({row['mparams_per_s_median']:.0f}) "
+                f"| {row['gbytes_per_s_best']:.1f} | {share:.0f}% "
+                f"| {1e3 * row['seconds_per_step_best']:.1f} |")
+        lines += ["", "| ratio (best rounds) | value |", "| --- | ---: |"]
+        lines += [f"| {name} | {value:.2f}x |" for name, value in size["ratios"].items()]
+        lines.append("")
+    lines += [f"- {note}" for note in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10M,100M,300M,1B",
+                        help="total parameter counts (default: %(default)s)")
+    parser.add_argument("--tensor-elements", default="10M", help="elements per tensor")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per size")
+    parser.add_argument("--isas", default=None,
+                        help="comma-separated ds paths to time (default: the best one)")
+    parser.add_argument("--deepspeed-python", default="/tmp/dsvenv/bin/python",
+                        help="interpreter with deepspeed installed ('' to skip DeepSpeed)")
+    parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    args = parser.parse_args(argv)
+
+    if native_extension().module is None:
+        print(f"native extension unavailable: {native_extension().unavailable_reason}",
+              file=sys.stderr)
+        return 1
+    isas = args.isas.split(",") if args.isas else [available_isas()[0]]
+    per_tensor = _parse_count(args.tensor_elements)
+    notes: list[str] = []
+    deepspeed = None
+    if args.deepspeed_python and Path(args.deepspeed_python).exists():
+        deepspeed = DeepSpeedWorker(args.deepspeed_python)
+    else:
+        notes.append(f"DeepSpeed not measured: no interpreter at {args.deepspeed_python!r} "
+                     "(python -m venv --system-site-packages /tmp/dsvenv && "
+                     "/tmp/dsvenv/bin/pip install deepspeed==0.19.8 ninja).")
+
+    load_start = os.getloadavg()
+    copy_bandwidth = memory_copy_bandwidth()
+    print(f"1 GB copy: {copy_bandwidth / 1e9:.1f} GB/s (read+write)", flush=True)
+    sizes = []
+    for total in (_parse_count(s) for s in args.sizes.split(",")):
+        # Shared buffers: param, grad, two moments (16 B) + bf16 copy (2 B); DeepSpeed 16 B more.
+        need = total * (18 + (16 if deepspeed else 0))
+        available = _mem_available_bytes()
+        if need > 0.8 * available:
+            notes.append(f"{total / 1e6:.0f}M parameters skipped: needs {need / 2**30:.1f} GiB, "
+                         f"{available / 2**30:.1f} GiB available.")
+            print(notes[-1], flush=True)
+            continue
+        size = bench_size(total, per_tensor, args.rounds, deepspeed, isas)
+        size["ratios"] = _ratios(size, isas[0])
+        sizes.append(size)
+        for name, row in size["results"].items():
+            print(f"{total / 1e6:6.0f}M  {name:45s} {row['mparams_per_s_best']:8.0f} M/s "
+                  f"(median {row['mparams_per_s_median']:.0f})  "
+                  f"{row['gbytes_per_s_best']:5.1f} GB/s", flush=True)
+        for name, value in size["ratios"].items():
+            print(f"{'':8s}{name:45s} {value:.2f}x", flush=True)
+    if deepspeed is not None:
+        versions_ds = deepspeed.versions
+        deepspeed.close()
+    else:
+        versions_ds = {}
+
+    report = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": _cpu_model(), "cores": os.cpu_count(),
+            "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+            "load_average_start": [round(x, 2) for x in load_start],
+            "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        },
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "ds-zero": _version("ds-zero"),
+                     **({"deepspeed": versions_ds["deepspeed"]} if versions_ds else {})},
+        "isa": isas[0],
+        "available_isas": available_isas(),
+        "omp_threads": native_extension().module.max_threads(),
+        "copy_gbytes_per_s": copy_bandwidth / 1e9,
+        "tensor_elements": per_tensor,
+        "rounds": args.rounds,
+        "sizes": sizes,
+        "notes": notes,
+    }
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        out.with_suffix(".md").write_text(render_markdown(report))
+        print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
