@@ -47,7 +47,7 @@ def _covered(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], 
              low: list[Tensor]) -> bool:
     """Whether the kernel handles these lists: one GPU, dense tensors, float32 moments."""
     device = params[0].device
-    lows = low if low else [None] * len(params)
+    lows: list[Tensor | None] = list(low) or [None] * len(params)
     for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs, lows):
         tensors = (p, g, m, v) if c is None else (p, g, m, v, c)
         if any(t.device != device or not t.is_contiguous() or t.dtype not in DTYPE_CODES for t in tensors):
@@ -77,7 +77,7 @@ def adam_step(ext: ModuleType, params: list[Tensor], grads: list[Tensor], exp_av
     correction2 = 1.0 - beta2**step if bias_correction else 1.0
     chunk = ext.ADAM_CHUNK
     groups: dict[tuple[int, int, int], list[tuple[int, ...]]] = {}
-    lows = low_precision_params or [None] * len(params)
+    lows: list[Tensor | None] = list(low_precision_params) or [None] * len(params)
     for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs, lows):
         if p.numel() == 0:
             continue
@@ -92,8 +92,8 @@ def adam_step(ext: ModuleType, params: list[Tensor], grads: list[Tensor], exp_av
             for row in tensors:
                 rows.append((*row, first_chunk))
                 first_chunk += math.ceil(row[5] / chunk)
-            key = tuple(x for row in rows for x in row)
-            table = _tables.get(key, functools.partial(_build_table, rows, device))
+            table_key = tuple(x for row in rows for x in row)
+            table = _tables.get(table_key, functools.partial(_build_table, rows, device))
             vectorized = all(address % 16 == 0 for row in tensors for address in row[:5])
             ext.adam_step(table.data_ptr(), len(rows), first_chunk, param_code, grad_code, copy_code, vectorized,
                           lr, beta1, beta2, eps, weight_decay, correction1, correction2, 1.0, adamw, s)
