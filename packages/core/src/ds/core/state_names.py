@@ -99,7 +99,9 @@ def optimizer_state_shards(optimizer: torch.optim.Optimizer, segments: list[Segm
                 flat = value.detach().reshape(-1)[seg.start : seg.start + seg.numel]
                 shards.append(TensorShard(name, seg.global_shape, flat, seg.flat_offset))
             elif seg.flat_offset == 0:
-                shards.append(TensorShard(name, tuple(value.shape), value.detach().reshape(-1), 0))
+                # A copy: parameters sharing one master (a ZeRO flat group) share its ``step``
+                # tensor, and safetensors refuses to write one storage under two names.
+                shards.append(TensorShard(name, tuple(value.shape), value.detach().reshape(-1).clone(), 0))
     return shards
 
 

@@ -90,7 +90,9 @@ def load_engine_checkpoint(engine: Engine, directory: Path, tag: str | None) -> 
     reader = CheckpointReader(directory, tag)
     meta = reader.metadata
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{reader.path} is not a ds engine checkpoint (format {meta.get('format')!r}, expected {FORMAT!r}).")
+        raise CheckpointError(
+            f"{reader.path} is not a ds engine checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})."
+        )
     engine.partitioner.load_checkpoint(reader)
     groups = meta["optimizer_param_groups"]
     if len(groups) == len(engine.optimizer.param_groups):
@@ -101,6 +103,10 @@ def load_engine_checkpoint(engine: Engine, directory: Path, tag: str | None) -> 
     engine.loss_scaler.load_state_dict(meta["loss_scaler"])
     for key, value in meta["counters"].items():
         setattr(engine, key, value)
+    # Checkpoints hold no partly accumulated gradients, so training resumes at the start
+    # of an accumulation window: counted in this run's window length, which differs from
+    # the saved run's when the world size changed under the same global batch.
+    engine.micro_steps = engine.global_steps * engine.gradient_accumulation_steps
     prefix = _rank_prefix(engine.comm.rank)
     names = [n for n in reader.names() if n.startswith(prefix + "rng/")]
     if names and meta["world_size"] == engine.comm.world_size:
