@@ -9,7 +9,8 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpus.csv"
 python3 -m venv --system-site-packages /tmp/ds-zero-venv || exit 1
 py=/tmp/ds-zero-venv/bin/python
-$py -m pip install -q --no-index --find-links .whl/gpu --find-links .whl/bench pydantic hatchling hjson deepspeed || exit 1
+$py -m pip install -q --no-index --find-links .whl/gpu pydantic hatchling scikit-build-core pybind11 pyyaml safetensors pluggy || exit 1
+$py -m pip install -q --no-index --no-deps .whl/bench/*.whl || exit 1
 start=$(date +%s)
 $py -m pip install -q --no-deps --no-build-isolation packages/core packages/zero > "$OUT/build.log" 2>&1 \
     || { tail -30 "$OUT/build.log"; exit 1; }
