@@ -7,12 +7,16 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 OUT=${OUT:-$PWD/.out/zero}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpus.csv"
-python3 -m venv --system-site-packages /tmp/ds-zero-venv || exit 1
-py=/tmp/ds-zero-venv/bin/python
-$py -m pip install -q --no-index --find-links .whl/gpu pydantic hatchling scikit-build-core pybind11 pyyaml safetensors pluggy || exit 1
-$py -m pip install -q --no-index --no-deps .whl/bench/*.whl || exit 1
+# The image's torch lives outside what a venv sees: install into a target folder instead.
+rm -rf /tmp/site
+wheels=()
+for name in pydantic pydantic_core annotated_types typing_inspection hatchling pathspec trove_classifiers \
+            scikit_build_core pybind11; do wheels+=(.whl/gpu/${name}-*.whl); done
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${wheels[@]}" .whl/bench/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+py=python3
 start=$(date +%s)
-$py -m pip install -q --no-deps --no-build-isolation packages/core packages/zero > "$OUT/build.log" 2>&1 \
+$py -m pip install -q --no-deps --no-build-isolation --target /tmp/site --upgrade packages/core packages/zero > "$OUT/build.log" 2>&1 \
     || { tail -30 "$OUT/build.log"; exit 1; }
 echo "installed ds in $(( $(date +%s) - start )) s"
 $py -m ds.core.cli report > "$OUT/ds-report.txt" 2>&1
