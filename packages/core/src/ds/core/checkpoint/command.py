@@ -3,8 +3,9 @@
     ds checkpoint list ckpt/
     ds checkpoint export ckpt/ hf-model/ --tag global_step100 --dtype bf16 --max-shard-size 2GB
 
-Exported weights load with ``transformers``' ``from_pretrained(hf-model/)`` once the
-model's ``config.json`` sits beside them.
+Exported weights load with ``transformers``' ``from_pretrained(hf-model/)``. The engine
+stores a ``transformers`` model's config in the checkpoint and the export writes it as
+``config.json``; for any other model, put its ``config.json`` beside the weights.
 """
 
 from __future__ import annotations

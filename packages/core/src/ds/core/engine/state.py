@@ -42,8 +42,20 @@ def _optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[st
     return groups
 
 
+def _hugging_face_config(module: torch.nn.Module) -> dict[str, Any] | None:
+    """The model's Hugging Face config as ``save_pretrained`` writes it, if it has one.
+
+    Stored so that ``ds checkpoint export`` can write ``config.json`` beside the weights
+    and the export loads with ``from_pretrained`` alone. Duck-typed on
+    ``PretrainedConfig.to_json_string`` so core never imports ``transformers``.
+    """
+    to_json = getattr(getattr(module, "config", None), "to_json_string", None)
+    return json.loads(to_json(use_diff=False)) if callable(to_json) else None
+
+
 def save_engine_checkpoint(engine: Engine, directory: Path, tag: str | None, client_state: dict[str, Any]) -> Path:
     from ds.core.checkpoint import save_checkpoint
+    from ds.core.checkpoint.export import HF_CONFIG_KEY
 
     try:
         json.dumps(client_state)
@@ -70,6 +82,7 @@ def save_engine_checkpoint(engine: Engine, directory: Path, tag: str | None, cli
         "optimizer_param_groups": _optimizer_hyperparameters(engine.optimizer),
         "client_state": client_state,
         "config": engine.config.raw,
+        HF_CONFIG_KEY: _hugging_face_config(engine.module),
     }
     rng_shards, rng_meta = _rng_shards(engine.comm.rank)
     return save_checkpoint(
