@@ -5,27 +5,39 @@ downloads) at stage 3 and save; the engine stores the model's Hugging Face confi
 the checkpoint, so the export folder alone loads with ``AutoModelForCausalLM``. Its
 logits must equal the trained engine's (fp32: 1e-5), in one file and sharded, with tied
 input/output embeddings (the tied ``lm_head.weight`` is not exported; transformers
-re-ties it) and without.
+re-ties it) and without. The export streams, so its memory stays far below the size of
+the checkpoint it exports.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
 
+from ds.core.checkpoint import CheckpointReader, TensorShard, save_checkpoint
 from ds.core.cli import main as ds_main
-
-transformers = pytest.importorskip("transformers")
+from ds.core.testing import run_distributed
 
 VOCAB, SEQ, STEPS = 64, 12, 4
 WORLD = 2
 
 
+@pytest.fixture(autouse=True)
+def _needs_transformers(request: pytest.FixtureRequest) -> None:
+    if "memory" not in request.node.name:
+        pytest.importorskip("transformers")
+
+
 def _model(arch: str) -> torch.nn.Module:
+    import transformers
+
     torch.manual_seed(0)
     if arch == "llama-tied":
         config = transformers.LlamaConfig(
@@ -71,6 +83,8 @@ def _train_and_save(arch: str, checkpoint_dir: str) -> dict[str, Any]:
 
 
 def _load(folder: Path) -> torch.nn.Module:
+    import transformers
+
     model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
     assert all(not keys for keys in info.values()), info  # nothing missing, unexpected or resized
     return model.eval()
@@ -83,8 +97,6 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", ["llama-tied", "gpt2-untied"])
 def test_export_loads_in_transformers_with_the_engines_logits(arch: str, tmp_path: Path) -> None:
-    from ds.core.testing import run_distributed
-
     checkpoint = tmp_path / "checkpoint"
     results = run_distributed(_train_and_save, WORLD, arch, str(checkpoint))
     trained = results[0]["logits"]
@@ -115,8 +127,6 @@ def test_export_loads_in_transformers_with_the_engines_logits(arch: str, tmp_pat
 
 def test_bf16_export_loads_as_bf16(tmp_path: Path) -> None:
     """``--dtype bf16`` halves the files and the config tells transformers to load bf16."""
-    from ds.core.checkpoint import CheckpointReader, TensorShard, save_checkpoint
-
     model = _model("llama-tied")
     shards = [TensorShard.full(f"model/{name}", p.detach()) for name, p in model.named_parameters()]
     hf_config = json.loads(model.config.to_json_string(use_diff=False))
@@ -129,3 +139,61 @@ def test_bf16_export_loads_as_bf16(tmp_path: Path) -> None:
     with CheckpointReader(tmp_path / "checkpoint") as reader:
         expected = reader.read_full("model/model.norm.weight").to(torch.bfloat16)
     assert torch.equal(loaded.model.norm.weight, expected)
+
+
+def _anonymous_memory() -> int:
+    """Bytes of this process's anonymous resident memory.
+
+    Not peak RSS: the reader memory-maps the checkpoint, and the pages it touches count
+    as (file-backed, reclaimable) resident memory although nothing holds them in RAM.
+    """
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("RssAnon:"))
+    return int(line.split()[1]) * 1024
+
+
+def _export_memory_growth(checkpoint: str, out: str, max_shard_size: str) -> int:
+    """In a fresh process: peak anonymous memory growth while exporting, sampled every ms."""
+    ds_main(["checkpoint", "list", checkpoint])  # import what the command uses first
+    baseline = peak = _anonymous_memory()
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _anonymous_memory())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        assert ds_main(["checkpoint", "export", checkpoint, out, "--max-shard-size", max_shard_size]) == 0
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak, _anonymous_memory()) - baseline
+
+
+def test_export_memory_stays_far_below_the_checkpoint(tmp_path: Path) -> None:
+    # 100 tensors of 4 MB (400 MB), each cut unevenly in two as two ranks would write it.
+    layers, rows, cols = 100, 1000, 1000
+    shards = []
+    for i in range(layers):
+        flat = torch.full((rows * cols,), float(i))
+        cut = rows * cols * 2 // 5 + 1
+        shards += [TensorShard(f"model/layers.{i}.weight", (rows, cols), flat[:cut], 0),
+                   TensorShard(f"model/layers.{i}.weight", (rows, cols), flat[cut:], cut)]
+    save_checkpoint(tmp_path / "checkpoint", "big", shards=shards, metadata={}, rank=0, world_size=1,
+                    barrier=lambda: None)
+    total = layers * rows * cols * 4
+    del shards, flat
+
+    for max_shard_size, files in (("50MB", 9), ("10GB", 1)):
+        out = tmp_path / f"export-{max_shard_size}"
+        (growth,) = run_distributed(_export_memory_growth, 1, str(tmp_path / "checkpoint"), str(out), max_shard_size)
+        assert growth < total / 4, f"export with --max-shard-size {max_shard_size} grew by {growth / 2**20:.0f} MiB"
+        written = sorted(out.glob("*.safetensors"))
+        assert len(written) == files
+        with safe_open(written[-1], framework="pt") as last:
+            name = sorted(last.keys())[-1]
+            assert torch.equal(last.get_tensor(name), torch.full((rows, cols), float(name.split(".")[1])))
