@@ -76,9 +76,9 @@ class AioConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    queue_depth: int = Field(default=8, ge=1, le=4096)
+    queue_depth: int = Field(default=16, ge=1, le=4096)
     """Pieces handed to the kernel at once (threads of the fallback pool, at most 16)."""
-    block_size: int = Field(default=1 << 20, ge=ALIGNMENT, le=1 << 30)
+    block_size: int = Field(default=4 << 20, ge=ALIGNMENT, le=1 << 30)
     """Bytes per piece; a request larger than this is split and its pieces overlap."""
     backend: BackendName | None = None
     """None: ``$DS_AIO_BACKEND`` if set, else ``auto`` (io_uring, Linux AIO, threads)."""
