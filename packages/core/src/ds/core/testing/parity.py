@@ -96,9 +96,9 @@ def train_rank(config: dict[str, Any], steps: int) -> tuple[list[float], dict[st
     gas = engine.gradient_accumulation_steps
     losses = []
     for batch in global_batches(steps, engine.config.train_batch_size):
-        window = torch.zeros(())
+        window = torch.zeros((), device=engine.comm.device)
         for micro in rank_micro_batches(batch, rank, dp, gas):
-            loss = engine(micro)
+            loss = engine(micro.to(engine.comm.device))
             engine.backward(loss)
             engine.step()
             window += loss.detach().float() / gas
