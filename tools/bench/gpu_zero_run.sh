@@ -4,7 +4,7 @@
 #   tools/bench/gpu_zero_run.sh [train_llm_suite args...]
 set -uo pipefail
 # DeepSpeed's JIT op builder cannot parse "9.0a"; name plain architectures for it.
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_CUDA_ARCH_LIST=9.0
 OUT=${OUT:-$PWD/.out/zero}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpus.csv"
