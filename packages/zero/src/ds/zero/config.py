@@ -1,8 +1,7 @@
 """The ``zero_optimization`` config section, with DeepSpeed's keys, defaults and meaning.
 
-Values ds accepts but does not implement yet (CPU/NVMe offload, ZeRO++ quantized
-collectives, hierarchical partitioning, MiCS) are rejected when the config loads, with
-the key named, never silently ignored.
+Values ds accepts but does not implement yet (CPU/NVMe offload, MiCS) are rejected when
+the config loads, with the key named, never silently ignored.
 """
 
 from __future__ import annotations
@@ -47,7 +46,19 @@ class OffloadConfig(SectionModel):
 
 
 class ZeroConfig(SectionModel):
-    """DeepSpeed's ``zero_optimization``; ``stage`` 0 is plain data parallelism."""
+    """DeepSpeed's ``zero_optimization``; ``stage`` 0 is plain data parallelism.
+
+    ZeRO++ (details and error bounds in :mod:`ds.zero.zeropp`):
+
+    * ``zero_quantized_weights`` (qwZ, stages 1-3): parameters are all-gathered for
+      compute as block int8 (blocks of 256, one fp32 scale each); master weights and
+      optimizer state stay exact.
+    * ``zero_quantized_gradients`` (qgZ, stages 1-3): gradient reduce-scatters become a
+      block-int8 all-to-all followed by a local fp32 sum (one hop).
+    * ``zero_hpz_partition_size`` (hpZ, stage 3): after forward, parameters stay sharded
+      within groups of this many consecutive ranks (a node), so backward gathers them
+      there; it must divide the data-parallel size, and 1 turns it off.
+    """
 
     stage: Annotated[int, Field(ge=0, le=3)] = 0
     contiguous_gradients: bool = True
@@ -88,9 +99,6 @@ class ZeroConfig(SectionModel):
         unsupported = {
             "offload_optimizer.device": self.offload_optimizer.device != "none",
             "offload_param.device": self.offload_param.device != "none",
-            "zero_hpz_partition_size": self.zero_hpz_partition_size > 1,
-            "zero_quantized_weights": self.zero_quantized_weights,
-            "zero_quantized_gradients": self.zero_quantized_gradients,
             "mics_shard_size": self.mics_shard_size > 0,
             "reduce_scatter": not self.reduce_scatter,
         }
@@ -99,6 +107,17 @@ class ZeroConfig(SectionModel):
                 raise ValueError(
                     f"zero_optimization.{key} is not supported by this version of ds-zero yet; "
                     "remove it (or set it to its default) to train without it."
+                )
+        zeropp_min_stage = {
+            "zero_quantized_weights": (self.zero_quantized_weights, 1),
+            "zero_quantized_gradients": (self.zero_quantized_gradients, 1),
+            "zero_hpz_partition_size": (self.zero_hpz_partition_size > 1, 3),
+        }
+        for key, (asked, min_stage) in zeropp_min_stage.items():
+            if asked and self.stage < min_stage:
+                raise ValueError(
+                    f"zero_optimization.{key} (ZeRO++) needs stage {min_stage} or higher, not {self.stage}; "
+                    f"raise the stage or remove {key}."
                 )
         if self.offload_param.device != "none" and self.stage != 3:
             raise ValueError("zero_optimization.offload_param needs stage 3; set stage to 3 or remove offload_param.")

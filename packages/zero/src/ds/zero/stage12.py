@@ -10,7 +10,8 @@ parameter communication. Per bucket (:class:`~ds.zero.flat_group.FlatGroup`):
   the full bucket, so only ``1/N`` of the gradients stay resident.
 
 After the optimizer updates this rank's fp32 master slice, one all-gather per bucket
-refreshes everybody's compute-dtype parameters.
+refreshes everybody's compute-dtype parameters. ZeRO++'s qgZ and qwZ replace the
+reduce-scatter and that all-gather with quantized ones (:mod:`ds.zero.zeropp`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ds.core.state_names import (
     optimizer_state_shards,
 )
 from ds.zero.flat_group import FlatGroup, build_flat_groups
+from ds.zero.zeropp import ZeroPlusPlus
 
 if TYPE_CHECKING:
     from ds.core.checkpoint import CheckpointReader, TensorShard
@@ -73,6 +75,8 @@ class ShardedOptimizerPartitioner(Partitioner):
         self._shard_gradients = shard_gradients
         precision = context.precision
         self._reduce_dtype = precision.reduce_dtype
+        zeropp = ZeroPlusPlus.from_config(zero, self._world)
+        self._reduce_scatter, self._all_gather = zeropp.flat_group_collectives(self._comm)
         self.module = context.module.to(device=context.device, dtype=precision.param_dtype)
         named = named_trainable_parameters(self.module)
         self._broadcast_from_rank0(named)
@@ -130,7 +134,7 @@ class ShardedOptimizerPartitioner(Partitioner):
     def _launch(self, bucket: _BucketState) -> None:
         assert bucket.full_grad is not None
         out = torch.empty_like(bucket.shard_grad)
-        work = self._comm.reduce_scatter_tensor(out, bucket.full_grad, group=self._group, async_op=True)
+        work = self._reduce_scatter(out, bucket.full_grad, group=self._group, async_op=True)
         bucket.pending = (work, out)
         bucket.ready = 0
 
@@ -174,7 +178,7 @@ class ShardedOptimizerPartitioner(Partitioner):
 
     def _all_gather_params(self) -> None:
         works = [
-            self._comm.all_gather_into_tensor(g.full, g.refresh_owned_slice(), group=self._group, async_op=True)
+            self._all_gather(g.full, g.refresh_owned_slice(), group=self._group, async_op=True)
             for g in self._groups
         ]
         for work in works:

@@ -12,7 +12,9 @@ representation DESIGN.md fixes. ds adds DeepSpeed's configuration and semantics:
   from forward through backward instead of being freed and gathered again;
 * ``stage3_prefetch_bucket_size`` and ``stage3_max_live_parameters``: how many units
   ahead the forward prefetches (at least the next one);
-* accumulation windows skip the reduce-scatter until their last micro-step.
+* accumulation windows skip the reduce-scatter until their last micro-step;
+* ZeRO++ (:mod:`ds.zero.zeropp`): hpZ through FSDP2's ``reshard_after_forward=<int>``,
+  qwZ and qgZ as FSDP2 custom all-gather and reduce-scatter.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ds.core.state_names import (
     named_trainable_parameters,
     optimizer_state_shards,
 )
+from ds.zero.zeropp import ZeroPlusPlus
 
 if TYPE_CHECKING:
     from ds.core.checkpoint import CheckpointReader, TensorShard
@@ -75,10 +78,13 @@ class FullyShardedPartitioner(Partitioner):
         mesh = context.mesh.submesh("dp")
         policy = MixedPrecisionPolicy(param_dtype=precision.param_dtype, reduce_dtype=precision.reduce_dtype)
         threshold = int(zero.stage3_param_persistence_threshold)
+        zeropp = ZeroPlusPlus.from_config(zero, mesh.size())
         units = shard_units(module)
         for unit in units:
-            fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=_numel(unit) >= threshold)
+            reshard = zeropp.reshard_after_forward(_numel(unit) >= threshold)
+            fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+        zeropp.install_fsdp_collectives([*units, module], self._comm)
         self._set_prefetch(units, zero)
         self.module = module
         self._root: FSDPModule = module  # type: ignore[assignment]
