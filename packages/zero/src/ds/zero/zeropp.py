@@ -13,7 +13,9 @@ gradients (qgZ), chosen once per partitioner from the ``zero_optimization`` sect
   group, over the fast intra-node links, at the cost of ``dp / hpz`` times the sharded
   parameter memory between forward and backward. That gather moves the already
   quantized forward values unquantized, so qwZ's error is not applied twice. A size of
-  1 or the data-parallel size leaves the ordinary resharding.
+  1 or the data-parallel size leaves the ordinary resharding. FSDP2 builds the secondary
+  groups anew for every module (pytorch/pytorch#153302): two process groups per shard
+  unit, each with its own NCCL communicator memory on GPUs.
 * **qgZ** (``zero_quantized_gradients``): gradient reduce-scatters become one block-int8
   all-to-all plus a local fp32 sum (stages 1 and 2: each bucket's reduce-scatter;
   stage 3: FSDP2's per-module reduce-scatter). One hop: ZeRO++'s extra intra-node
