@@ -108,15 +108,15 @@ def bench_size(folder: Path, nbytes: int, rounds: int, config: AioConfig, backen
     for io in queues:
         rows[f"ds AsyncIO {io.backend}"] = (raw_aio(io, path, buffer, write=True),
                                             raw_aio(io, path, buffer, write=False))
+    # Each tensor is read back into itself: the same bytes, and half the memory of a 4 GiB run.
     swap_config = SwapConfig(aio=config)
     in_place = TensorSwapper(folder / "in-place", swap_config)
-    numel = nbytes // 4
-    aligned = in_place.empty((numel,)).copy_(buffer.view(torch.float32)[:numel])
-    rows["ds TensorSwapper in place"] = swapper_rows(in_place, aligned, in_place.empty((numel,)))
+    aligned = buffer.view(torch.float32)
+    rows["ds TensorSwapper in place"] = swapper_rows(in_place, aligned, aligned)
     bounced = TensorSwapper(folder / "bounced", swap_config)
-    unaligned = torch.empty(numel + 1)[1:].copy_(aligned)
+    unaligned = torch.empty(aligned.numel() + 1)[1:].copy_(aligned)
     rows[f"ds TensorSwapper bounced ({swap_config.buffer_count} x {swap_config.buffer_bytes // MIB} MiB pool)"] = (
-        swapper_rows(bounced, unaligned, torch.empty(numel + 1)[1:]))
+        swapper_rows(bounced, unaligned, unaligned))
 
     with open_file(path, write=True) as file:  # every write below overwrites written blocks
         os.posix_fallocate(file.fd, 0, nbytes)  # in one extent, as the swapper allocates its files

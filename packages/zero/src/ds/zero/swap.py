@@ -108,7 +108,6 @@ class _Transfer:
     data: torch.Tensor | None  # uint8 view of the source (write) or destination (read)
     error: BaseException | None = None
     finished: bool = False
-    in_flight: int = 0
 
 
 class SwapHandle:
@@ -291,7 +290,6 @@ class TensorSwapper:
         submit = self.io.submit_write if transfer.write else self.io.submit_read
         piece.request = submit(transfer.file, address, size, piece.start)
         piece.state = _State.IN_FLIGHT
-        transfer.in_flight += 1
         if transfer.write:
             self._write_pieces[piece.request] = (transfer, piece)
         elif piece.kind is _Kind.BOUNCED:
@@ -299,7 +297,6 @@ class TensorSwapper:
 
     def _complete(self, transfer: _Transfer, piece: _Piece) -> bool:
         """Wait for an in-flight piece; records a failure on the transfer and says if it worked."""
-        transfer.in_flight -= 1
         piece.state = _State.DONE
         try:
             self.io.wait(piece.request)
@@ -312,7 +309,7 @@ class TensorSwapper:
         transfer, piece = self._write_pieces.pop(request)
         self._complete(transfer, piece)
         self._release(piece)
-        if transfer.in_flight == 0 and all(p.state is _State.DONE for p in transfer.pieces):
+        if all(p.state is _State.DONE for p in transfer.pieces):  # writes never wait for buffers
             transfer.entry.error = transfer.error
             self._close(transfer)
 
@@ -383,7 +380,6 @@ class TensorSwapper:
     def _drop(self, transfer: _Transfer, piece: _Piece) -> None:
         """Give a read piece's buffer back; the piece is read again when needed."""
         self._held_reads.remove((transfer, piece))
-        transfer.in_flight -= 1
         try:
             self.io.wait(piece.request)
         except OSError:
