@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from ds.zero.config import ZeroConfig
 
 
+MAX_REDUCTIONS_IN_FLIGHT = 2
+
+
 class _BucketState:
     """Gradient bookkeeping of one flat group.
 
@@ -52,6 +55,7 @@ class _BucketState:
         self.full_grad: torch.Tensor | None = None
         self.views: list[torch.Tensor] = []
         self.pending: tuple[Any, torch.Tensor] | None = None
+        self.launched = False  # reduced at least once since the last zero_grad
         self.persistent_full = persistent_full
         if persistent_full:
             self.allocate()
@@ -98,6 +102,7 @@ class ShardedOptimizerPartitioner(Partitioner):
         self._buckets = [_BucketState(g, self._reduce_dtype, persistent_full=not shard_gradients) for g in self._groups]
         self._bucket_of = {id(p): (b, i) for b in self._buckets for i, p in enumerate(b.group.params)}
         self._sync_enabled = True
+        self._in_flight: list[_BucketState] = []
         user_groups = context.param_groups or [{"params": [p for _, p in named]}]
         self.optimizer = context.make_optimizer(
             [{**g, "params": [fg.master for fg in owned_groups[i]]} for i, g in enumerate(user_groups)]
@@ -137,6 +142,11 @@ class ShardedOptimizerPartitioner(Partitioner):
         work = self._reduce_scatter(out, bucket.full_grad, group=self._group, async_op=True)
         bucket.pending = (work, out)
         bucket.ready = 0
+        bucket.launched = True
+        # Bound the reduce-scatter buffers alive at once: finish the oldest before more pile up.
+        self._in_flight.append(bucket)
+        if len(self._in_flight) > MAX_REDUCTIONS_IN_FLIGHT:
+            self._drain(self._in_flight.pop(0))
 
     def _drain(self, bucket: _BucketState) -> None:
         if bucket.pending is None:
@@ -144,6 +154,8 @@ class ShardedOptimizerPartitioner(Partitioner):
         work, out = bucket.pending
         self._comm.wait(work)
         bucket.pending = None
+        if bucket in self._in_flight:
+            self._in_flight.remove(bucket)
         if bucket.persistent_full:
             bucket.shard_grad.copy_(out)  # one reduction per window: the slice becomes the sum
         else:
@@ -159,8 +171,10 @@ class ShardedOptimizerPartitioner(Partitioner):
 
     def finish_gradient_sync(self) -> None:
         for bucket in self._buckets:
-            if bucket.pending is None and bucket.full_grad is not None and (bucket.ready or not self._shard_gradients):
-                self._launch(bucket)  # buckets with unused parameters never completed
+            # Buckets holding parameters unused in this window never completed in a hook.
+            unreduced = not bucket.launched if bucket.persistent_full else bucket.pending is None and bucket.ready
+            if unreduced:
+                self._launch(bucket)
         for bucket in self._buckets:
             self._drain(bucket)
             bucket.shard_grad.div_(self._world)
@@ -187,6 +201,7 @@ class ShardedOptimizerPartitioner(Partitioner):
     def zero_grad(self) -> None:
         for bucket in self._buckets:
             bucket.ready = 0
+            bucket.launched = False
             bucket.group.master.grad = None
             if bucket.full_grad is not None:
                 bucket.full_grad.zero_()
