@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -94,7 +95,7 @@ def main() -> None:
     result = {
         "benchmark": "dp_overhead",
         "date": date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads/process, gloo",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 torch thread per process, gloo",
         "torch": torch.__version__,
         "ds": ds.core.__version__,
         "world_size": args.world,
