@@ -9,7 +9,9 @@ match the uninterrupted run: fp32 within 1e-5 relative (Adam state moves exactly
 only the layouts' reduction order differs), bf16 within 2e-2 relative of ds's own
 uninterrupted single-process bf16 run (as in test_stages). Right after each load the
 phase saves again, and that checkpoint must equal the one it loaded bit for bit:
-weights and optimizer state (exp_avg, exp_avg_sq, step) moved exactly.
+weights and optimizer state (exp_avg, exp_avg_sq, step) moved exactly, and so did what
+no partitioner owns (frozen parameters, persistent buffers) and a scalar parameter's
+state, which a ZeRO flat group shares with other parameters.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ds.core.checkpoint import CheckpointReader
 from ds.core.testing import run_distributed
@@ -50,14 +53,39 @@ def _config(world: int, stage: int, precision: str = "fp32") -> dict[str, Any]:
     return config
 
 
-def _train_phase(config: dict[str, Any], first_step: int, load_dir: str | None, save_dir: str) -> dict[str, Any]:
+class _WithExtras(nn.Module):
+    """The parity model plus state the partitioners treat specially: a learned temperature
+    (0-dim unless ``scalar`` is false: FSDP2 cannot shard 0-dim parameters), a frozen
+    parameter and a persistent buffer that counts forward calls."""
+
+    def __init__(self, seed: int, *, scalar: bool) -> None:
+        super().__init__()
+        self.lm = make_model(seed)
+        self.temperature = nn.Parameter(torch.ones(() if scalar else (1,)))
+        self.frozen = nn.Parameter(torch.randn(5, 3), requires_grad=False)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.lm(tokens) * self.temperature.sum() + self.frozen.sum() * 0.0
+
+
+def _model(kind: str, seed: int) -> nn.Module:
+    if kind == "parity":
+        return make_model(seed)
+    return _WithExtras(seed, scalar=kind == "scalar-extras")
+
+
+def _train_phase(
+    config: dict[str, Any], first_step: int, load_dir: str | None, save_dir: str, model: str
+) -> dict[str, Any]:
     """One phase on this rank: (load,) train ``STEPS_PER_PHASE`` steps, save. Runs per rank."""
     import torch.distributed as dist
 
     import ds.core
 
     # Other weights than the first phase's: only the checkpoint can make the losses match.
-    engine, _, _, _ = ds.core.initialize(model=make_model(seed=0 if load_dir is None else 1234), config=config)
+    engine, _, _, _ = ds.core.initialize(model=_model(model, seed=0 if load_dir is None else 1234), config=config)
     restored_steps = None
     if load_dir is not None:
         engine.load_checkpoint(load_dir)
@@ -93,10 +121,13 @@ def _assert_same_training_state(loaded: Path, resaved: Path) -> None:
         for name in state:
             assert before.dtype(name) == after.dtype(name), name
             assert torch.equal(before.read_full(name), after.read_full(name)), f"{name} changed on reload"
-        assert all(before.dtype(n) == torch.float32 for n in state if n.startswith("model/"))
+        masters = [n for n in state if n.startswith("model/") and f"optimizer/{n[len('model/'):]}/step" in before]
+        assert masters and all(before.dtype(n) == torch.float32 for n in masters)
 
 
-def _run_chain(layouts: list[tuple[int, int]], precision: str, tmp_path: Path) -> dict[str, Any]:
+def _run_chain(
+    layouts: list[tuple[int, int]], precision: str, tmp_path: Path, model: str = "parity"
+) -> dict[str, Any]:
     losses: list[float] = []
     result: dict[str, Any] = {}
     load_dir: Path | None = None
@@ -105,7 +136,7 @@ def _run_chain(layouts: list[tuple[int, int]], precision: str, tmp_path: Path) -
         first_step = index * STEPS_PER_PHASE
         config = _config(world, stage, precision)
         loaded = None if load_dir is None else str(load_dir)
-        results = run_distributed(_train_phase, world, config, first_step, loaded, str(save_dir))
+        results = run_distributed(_train_phase, world, config, first_step, loaded, str(save_dir), model)
         result = results[0]
         if load_dir is not None:
             assert result["restored_steps"] == first_step
@@ -144,3 +175,15 @@ def test_bf16_reshaping_keeps_fp32_masters_and_the_trajectory(tmp_path: Path) ->
     chain = _run_chain(layouts, "bf16", tmp_path)
     (reference,) = run_distributed(train_rank, 1, _config(1, 0, "bf16"), len(layouts) * STEPS_PER_PHASE)
     _assert_matches(chain, reference, rtol=2e-2, atol=1e-3)
+
+
+def test_scalar_parameter_state_survives_zero_flat_groups(tmp_path: Path) -> None:
+    _run_chain([(1, 0), (2, 1)], "fp32", tmp_path, model="scalar-extras")
+
+
+def test_frozen_parameters_and_buffers_move_between_layouts(tmp_path: Path) -> None:
+    _run_chain([(1, 0), (2, 3)], "fp32", tmp_path, model="extras")
+    with CheckpointReader(tmp_path / "phase1-world2-stage3", TRAINED) as reader:
+        assert torch.equal(reader.read_full("model/frozen"), _model("extras", seed=0).frozen)
+        # Rank 0's forward calls: 4 micro-batches a step alone, then 2 a step beside another rank.
+        assert reader.read_full("model/calls").item() == STEPS_PER_PHASE * (4 + 2)

@@ -9,7 +9,8 @@ any other: the names are the model's parameter names, never rank-local indices.
 
 Names: ``model/<fqn>`` (fp32 master weights) and ``optimizer/<fqn>/<state key>``.
 Optimizer state with one value per parameter (Adam's ``step``) is stored once, by the
-segment that starts the parameter.
+segment that starts the parameter. Frozen parameters and persistent buffers, which no
+partitioner owns, are stored whole under ``model/<fqn>`` in the dtype the model holds.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 if TYPE_CHECKING:
     from ds.core.checkpoint import CheckpointReader, TensorShard
@@ -121,6 +122,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, reader: CheckpointRea
         if full.startswith(OPTIMIZER_PREFIX):
             param, _, key = full[len(OPTIMIZER_PREFIX) :].rpartition("/")
             keys_of.setdefault(param, []).append(key)
+    per_element = _per_element_keys(reader, keys_of)
     loaded: dict[int, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         for seg in segments:
@@ -128,7 +130,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, reader: CheckpointRea
             for key in keys_of.get(seg.name, []):
                 name = f"{OPTIMIZER_PREFIX}{seg.name}/{key}"
                 shape = tuple(reader.global_shape(name))
-                if shape == seg.global_shape and (len(shape) > 0 or seg.master.dim() == 0):
+                if shape == seg.global_shape and (len(shape) > 0 or key in per_element or seg.master.dim() == 0):
                     if key not in state:
                         state[key] = torch.zeros_like(local(seg.master), dtype=reader.dtype(name))
                     values = reader.read(name, seg.flat_offset, seg.flat_offset + seg.numel)
@@ -140,6 +142,50 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, reader: CheckpointRea
             state = {k: _like_master(v, master) if v.shape == local(master).shape and v.dim() > 0 else v
                      for k, v in loaded[id(master)].items()}
             optimizer.state[master] = _match_step_dtype(optimizer, state)
+
+
+def untrained_state(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Persistent buffers and frozen parameters, by the names ``state_dict`` gives them.
+
+    Aliases of trainable parameters (a tied ``lm_head.weight``) are left out: the
+    partitioner stores those under the parameter's first name.
+    """
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    return [(name, t) for name, t in module.state_dict(keep_vars=True).items() if id(t) not in trainable]
+
+
+def untrained_state_shards(module: nn.Module, rank: int) -> list[TensorShard]:
+    """Rank 0's copy of :func:`untrained_state`; a collective where ZeRO-3 shards frozen parameters."""
+    from ds.core.checkpoint import TensorShard
+
+    shards = []
+    for name, tensor in untrained_state(module):
+        whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if rank == 0:
+            shards.append(TensorShard.full(MODEL_PREFIX + name, whole.detach().cpu()))
+    return shards
+
+
+def load_untrained_state(module: nn.Module, reader: CheckpointReader) -> None:
+    with torch.no_grad():
+        for name, tensor in untrained_state(module):
+            values = reader.read_full(MODEL_PREFIX + name).to(local(tensor).device)
+            if isinstance(tensor, DTensor):  # cut locally as the sharding cuts it, no communication
+                values = distribute_tensor(values, tensor.device_mesh, tensor.placements, src_data_rank=None).to_local()
+            local(tensor).copy_(values)
+
+
+def _per_element_keys(reader: CheckpointReader, keys_of: dict[str, list[str]]) -> set[str]:
+    """State keys holding one value per parameter element (Adam's ``exp_avg``), not one per
+    parameter (``step``). A scalar parameter's state cannot tell them apart by shape, and
+    inside a ZeRO flat group the difference decides whether a value fills the parameter's
+    range of the group's state or is the whole group's ``step``; other parameters tell."""
+    keys = set()
+    for param, param_keys in keys_of.items():
+        shape = tuple(reader.global_shape(MODEL_PREFIX + param)) if MODEL_PREFIX + param in reader else ()
+        if shape:
+            keys.update(k for k in param_keys if tuple(reader.global_shape(f"{OPTIMIZER_PREFIX}{param}/{k}")) == shape)
+    return keys
 
 
 def _match_step_dtype(optimizer: torch.optim.Optimizer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """Saving and restoring an engine through the universal checkpoint format.
 
 Tensors go through the partitioner (model weights and optimizer state under global
-names) plus each rank's RNG states; everything else (counters, scheduler, loss scaler,
+names), plus frozen parameters and persistent buffers (which no partitioner owns) and
+each rank's RNG states; everything else (counters, scheduler, loss scaler,
 optimizer hyper-parameters, client state) is JSON metadata. Nothing is pickled.
 """
 
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ds.core.errors import CheckpointError
+from ds.core.state_names import load_untrained_state, untrained_state_shards
 
 if TYPE_CHECKING:
     from ds.core.engine.engine import Engine
@@ -88,7 +90,8 @@ def save_engine_checkpoint(engine: Engine, directory: Path, tag: str | None, cli
     return save_checkpoint(
         directory,
         tag,
-        shards=engine.partitioner.checkpoint_shards() + rng_shards,
+        shards=engine.partitioner.checkpoint_shards() + untrained_state_shards(engine.module, engine.comm.rank)
+        + rng_shards,
         metadata=metadata,
         rank_metadata={"rng": rng_meta},
         rank=engine.comm.rank,
@@ -107,6 +110,7 @@ def load_engine_checkpoint(engine: Engine, directory: Path, tag: str | None) -> 
             f"{reader.path} is not a ds engine checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})."
         )
     engine.partitioner.load_checkpoint(reader)
+    load_untrained_state(engine.module, reader)
     groups = meta["optimizer_param_groups"]
     if len(groups) == len(engine.optimizer.param_groups):
         for group, saved in zip(engine.optimizer.param_groups, groups, strict=True):
