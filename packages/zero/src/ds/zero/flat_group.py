@@ -9,12 +9,17 @@ parameter refresh after the step is one all-gather per bucket.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from ds.core.state_names import Segment
+
+# Parameter -> its group, for ds.zero.GatheredParameters; neither side keeps the other alive.
+_GROUP_OF_PARAM: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
 class FlatGroup:
@@ -48,6 +53,7 @@ class FlatGroup:
                 view = self.full[offset : offset + p.numel()].view_as(p)
                 view.copy_(p.detach())
                 p.data = view
+                _GROUP_OF_PARAM[p] = weakref.ref(self)
         self.master = self.full[self.lo : self.hi].detach().float().clone()
         self.segments = list(self._segments())
 
@@ -67,6 +73,13 @@ class FlatGroup:
 
     def __contains__(self, param: object) -> bool:
         return any(param is p for p in self.params)
+
+
+def flat_group_of(param: torch.Tensor) -> tuple[FlatGroup, int] | None:
+    """The flat group a stage 1/2 partitioner packed ``param`` into, and its index there."""
+    ref = _GROUP_OF_PARAM.get(param)
+    group = ref() if ref is not None else None
+    return None if group is None else (group, next(i for i, p in enumerate(group.params) if p is param))
 
 
 def build_flat_groups(

@@ -38,6 +38,7 @@ from ds.core.state_names import (
     named_trainable_parameters,
     optimizer_state_shards,
 )
+from ds.zero.init import adopt_init_shards, release_init_shards
 from ds.zero.zeropp import ZeroPlusPlus
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class FullyShardedPartitioner(Partitioner):
         user_groups = context.param_groups or [{"params": [p for p in module.parameters() if p.requires_grad]}]
         names_of = {id(p): n for n, p in named_trainable_parameters(module)}
         group_names = [[names_of[id(p)] for p in g["params"] if id(p) in names_of] for g in user_groups]
+        init_shards = release_init_shards(module, context.mesh.submesh("dp"))  # built by ds.zero.Init
         self._broadcast_from_rank0(module)
 
         mesh = context.mesh.submesh("dp")
@@ -84,6 +86,7 @@ class FullyShardedPartitioner(Partitioner):
             reshard = zeropp.reshard_after_forward(_numel(unit) >= threshold)
             fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+        adopt_init_shards(module, init_shards)
         zeropp.install_fsdp_collectives([*units, module], self._comm)
         self._set_prefetch(units, zero)
         self.module = module
@@ -103,7 +106,8 @@ class FullyShardedPartitioner(Partitioner):
         src = dist.get_global_rank(self._group, 0)
         with torch.no_grad():
             for tensor in [*module.parameters(), *module.buffers()]:
-                self._comm.broadcast(tensor.data, src=src, group=self._group)
+                if not tensor.is_meta:  # meta: ds.zero.Init's shards, equal on every rank by construction
+                    self._comm.broadcast(tensor.data, src=src, group=self._group)
 
     @staticmethod
     def _set_prefetch(units: list[nn.Module], zero: ZeroConfig) -> None:
