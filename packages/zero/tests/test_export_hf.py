@@ -29,10 +29,9 @@ VOCAB, SEQ, STEPS = 64, 12, 4
 WORLD = 2
 
 
-@pytest.fixture(autouse=True)
-def _needs_transformers(request: pytest.FixtureRequest) -> None:
-    if "memory" not in request.node.name:
-        pytest.importorskip("transformers")
+@pytest.fixture
+def needs_transformers() -> None:
+    pytest.importorskip("transformers")
 
 
 def _model(arch: str) -> torch.nn.Module:
@@ -95,6 +94,7 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
         return model(input_ids=_tokens(2, seed=100)).logits
 
 
+@pytest.mark.usefixtures("needs_transformers")
 @pytest.mark.parametrize("arch", ["llama-tied", "gpt2-untied"])
 def test_export_loads_in_transformers_with_the_engines_logits(arch: str, tmp_path: Path) -> None:
     checkpoint = tmp_path / "checkpoint"
@@ -125,6 +125,7 @@ def test_export_loads_in_transformers_with_the_engines_logits(arch: str, tmp_pat
         assert "lm_head.weight" in index["weight_map"]
 
 
+@pytest.mark.usefixtures("needs_transformers")
 def test_bf16_export_loads_as_bf16(tmp_path: Path) -> None:
     """``--dtype bf16`` halves the files and the config tells transformers to load bf16."""
     model = _model("llama-tied")

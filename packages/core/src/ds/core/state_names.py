@@ -180,7 +180,7 @@ def _per_element_keys(reader: CheckpointReader, keys_of: dict[str, list[str]]) -
     parameter (``step``). A scalar parameter's state cannot tell them apart by shape, and
     inside a ZeRO flat group the difference decides whether a value fills the parameter's
     range of the group's state or is the whole group's ``step``; other parameters tell."""
-    keys = set()
+    keys: set[str] = set()
     for param, param_keys in keys_of.items():
         shape = tuple(reader.global_shape(MODEL_PREFIX + param)) if MODEL_PREFIX + param in reader else ()
         if shape:

@@ -120,7 +120,7 @@ def _write_safetensors(
             step = max(1, CHUNK_BYTES // max(reader.dtype(name).itemsize, out_dtype.itemsize))
             for start in range(0, numel, step):
                 piece = reader.read(name, start, min(start + step, numel)).to(out_dtype)
-                file.write(piece.view(torch.uint8).numpy())
+                file.write(piece.view(torch.uint8).numpy().data)
 
 
 def _with_dtype(hf_config: dict[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:
