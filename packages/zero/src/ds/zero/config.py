@@ -1,7 +1,8 @@
 """The ``zero_optimization`` config section, with DeepSpeed's keys, defaults and meaning.
 
-Values ds accepts but does not implement yet (CPU/NVMe offload, MiCS) are rejected when
-the config loads, with the key named, never silently ignored.
+Values ds accepts but does not implement yet (optimizer offload to NVMe at stage 3,
+parameter offload, MiCS) are rejected when the config loads, with the key named, never
+silently ignored.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class ZeroConfig(SectionModel):
     @model_validator(mode="after")
     def _not_yet(self) -> ZeroConfig:
         unsupported = {
-            "offload_optimizer.device": self.offload_optimizer.device != "none",
+            "offload_optimizer.device nvme at stage 3": self.offload_optimizer.device == "nvme" and self.stage == 3,
             "offload_param.device": self.offload_param.device != "none",
             "mics_shard_size": self.mics_shard_size > 0,
             "reduce_scatter": not self.reduce_scatter,
@@ -119,6 +120,12 @@ class ZeroConfig(SectionModel):
                     f"zero_optimization.{key} (ZeRO++) needs stage {min_stage} or higher, not {self.stage}; "
                     f"raise the stage or remove {key}."
                 )
+        if self.offload_optimizer.device != "none" and self.stage == 0:
+            raise ValueError("zero_optimization.offload_optimizer needs stage 1, 2 or 3; raise the stage or remove "
+                             "offload_optimizer.")
+        for key, offload in (("offload_optimizer", self.offload_optimizer), ("offload_param", self.offload_param)):
+            if offload.device == "nvme" and not offload.nvme_path:
+                raise ValueError(f"zero_optimization.{key}.device nvme needs nvme_path, a folder on a fast disk.")
         if self.offload_param.device != "none" and self.stage != 3:
             raise ValueError("zero_optimization.offload_param needs stage 3; set stage to 3 or remove offload_param.")
         return self

@@ -10,8 +10,10 @@ parameter communication. Per bucket (:class:`~ds.zero.flat_group.FlatGroup`):
   the full bucket, so only ``1/N`` of the gradients stay resident.
 
 After the optimizer updates this rank's fp32 master slice, one all-gather per bucket
-refreshes everybody's compute-dtype parameters. ZeRO++'s qgZ and qwZ replace the
-reduce-scatter and that all-gather with quantized ones (:mod:`ds.zero.zeropp`).
+refreshes everybody's compute-dtype parameters. With ``offload_optimizer`` the master
+slices, reduced gradients and optimizer state live on the CPU (:mod:`ds.zero.offload`).
+ZeRO++'s qgZ and qwZ replace the reduce-scatter and that all-gather with quantized ones
+(:mod:`ds.zero.zeropp`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from ds.core.state_names import (
     named_trainable_parameters,
     optimizer_state_shards,
 )
+from ds.zero.disk_adam import moments_in_memory, store_loaded_moments
 from ds.zero.flat_group import FlatGroup, build_flat_groups
+from ds.zero.offload import HostMasters, build_host_optimizer
 from ds.zero.zeropp import ZeroPlusPlus
 
 if TYPE_CHECKING:
@@ -103,9 +107,13 @@ class ShardedOptimizerPartitioner(Partitioner):
         self._bucket_of = {id(p): (b, i) for b in self._buckets for i, p in enumerate(b.group.params)}
         self._sync_enabled = True
         self._in_flight: list[_BucketState] = []
+        offload = zero.offload_optimizer
+        self._host = HostMasters(self._groups, offload) if offload.device != "none" else None
         user_groups = context.param_groups or [{"params": [p for _, p in named]}]
-        self.optimizer = context.make_optimizer(
-            [{**g, "params": [fg.master for fg in owned_groups[i]]} for i, g in enumerate(user_groups)]
+        master_groups = [{**g, "params": [fg.master for fg in owned_groups[i]]} for i, g in enumerate(user_groups)]
+        self.optimizer = (
+            context.make_optimizer(master_groups) if self._host is None
+            else build_host_optimizer(context.make_optimizer, master_groups, offload, rank)
         )
         self._segments = [s for g in self._groups for s in g.segments]
         self.gradient_norm_group = self._group
@@ -175,11 +183,16 @@ class ShardedOptimizerPartitioner(Partitioner):
             unreduced = not bucket.launched if bucket.persistent_full else bucket.pending is None and bucket.ready
             if unreduced:
                 self._launch(bucket)
-        for bucket in self._buckets:
+        for index, bucket in enumerate(self._buckets):
             self._drain(bucket)
             bucket.shard_grad.div_(self._world)
-            master = bucket.group.master
-            master.grad = bucket.shard_grad if bucket.shard_grad.dtype == master.dtype else bucket.shard_grad.float()
+            if self._host is not None:
+                self._host.receive_gradient(index, bucket.shard_grad)
+            else:
+                grad = bucket.shard_grad
+                bucket.group.master.grad = grad if grad.dtype == bucket.group.master.dtype else grad.float()
+        if self._host is not None:
+            self._host.gradients_arrived()
 
     def owned_gradients(self) -> list[torch.Tensor]:
         return [b.group.master.grad for b in self._buckets if b.group.master.grad is not None]
@@ -187,13 +200,16 @@ class ShardedOptimizerPartitioner(Partitioner):
     # -- step -------------------------------------------------------------------------
 
     def step(self) -> None:
-        self.optimizer.step()
-        self._all_gather_params()
+        if self._host is None:
+            self.optimizer.step()
+            self._all_gather_params([g.refresh_owned_slice() for g in self._groups])
+        else:
+            self._all_gather_params(self._host.step(self.optimizer))
 
-    def _all_gather_params(self) -> None:
+    def _all_gather_params(self, owned_slices: list[torch.Tensor]) -> None:
         works = [
-            self._all_gather(g.full, g.refresh_owned_slice(), group=self._group, async_op=True)
-            for g in self._groups
+            self._all_gather(g.full, owned, group=self._group, async_op=True)
+            for g, owned in zip(self._groups, owned_slices, strict=True)
         ]
         for work in works:
             self._comm.wait(work)
@@ -211,18 +227,21 @@ class ShardedOptimizerPartitioner(Partitioner):
     # -- checkpoints and accounting ---------------------------------------------------------
 
     def checkpoint_shards(self) -> list[TensorShard]:
-        return master_shards(self._segments) + optimizer_state_shards(self.optimizer, self._segments)
+        with moments_in_memory(self.optimizer):
+            return master_shards(self._segments) + optimizer_state_shards(self.optimizer, self._segments)
 
     def load_checkpoint(self, reader: CheckpointReader) -> None:
         load_masters(reader, self._segments)
         load_optimizer_state(self.optimizer, reader, self._segments)
-        self._all_gather_params()
+        store_loaded_moments(self.optimizer)
+        self._all_gather_params([g.refresh_owned_slice().to(g.full.device) for g in self._groups])
 
     def gather_full_parameters(self) -> dict[str, torch.Tensor]:
         result = {}
         for group in self._groups:
-            full = torch.empty(group.padded_numel, dtype=group.master.dtype, device=group.master.device)
-            self._comm.wait(self._comm.all_gather_into_tensor(full, group.master.detach(), group=self._group, async_op=True))
+            full = torch.empty(group.padded_numel, dtype=group.master.dtype, device=group.full.device)
+            owned = group.master.detach().to(group.full.device)
+            self._comm.wait(self._comm.all_gather_into_tensor(full, owned, group=self._group, async_op=True))
             for name, view in zip(group.names, group.param_views(full), strict=True):
                 result[name] = view.clone()
         return result

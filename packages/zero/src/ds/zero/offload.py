@@ -1,0 +1,142 @@
+"""ZeRO-Offload for stages 1 and 2: fp32 master slices, gradients and optimizer on the CPU.
+
+With ``offload_optimizer: {device: cpu}`` (or ``nvme``) a rank keeps only the
+compute-dtype parameters and the gradient buckets on its accelerator. Per optimizer step:
+
+1. each flat group's reduced gradient slice is copied into a CPU buffer (pinned and
+   non-blocking when ``pin_memory`` is set and CUDA is available; one stream sync
+   before the engine reads the gradient norm);
+2. the optimizer updates the CPU master slice. An Adam or AdamW optimizer (from the
+   config or passed to ``initialize``) runs as :class:`~ds.zero.cpu_adam.CPUAdam`,
+   which writes the bf16/fp16 copy of the slice in the same pass, as DeepSpeed turns
+   Adam into DeepSpeedCPUAdam; any other optimizer runs as itself on the CPU tensors;
+3. the compute-dtype slice is copied to the device and all-gathered as without offload.
+
+With ``nvme`` the Adam moments live in files under ``nvme_path`` between steps
+(:class:`~ds.zero.disk_adam.DiskStateAdam`). Checkpoints are unchanged: the segments
+point at the CPU masters, so a checkpoint saved with offload loads without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ds.core.errors import ConfigError
+from ds.core.optimizers import AdamWithoutBiasCorrection
+from ds.zero.cpu_adam import CPUAdam
+
+if TYPE_CHECKING:
+    from ds.core.partition import OptimizerFactory
+    from ds.zero.config import OffloadConfig
+    from ds.zero.flat_group import FlatGroup
+
+
+def pin_host_memory(offload: OffloadConfig) -> bool:
+    """Page-locked buffers only help (and only exist) with an accelerator to copy to."""
+    return offload.pin_memory and torch.cuda.is_available()
+
+
+def host_empty(numel: int, dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
+    return torch.empty(numel, dtype=dtype, pin_memory=pin)
+
+
+def _adam_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]] | None:
+    """The optimizer's groups in CPUAdam's terms, or None when it is no plain Adam/AdamW."""
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+        bias_correction = True
+    elif isinstance(optimizer, AdamWithoutBiasCorrection):
+        bias_correction = False
+    else:
+        return None
+    if any(g.get("amsgrad") or g.get("maximize") for g in optimizer.param_groups):
+        return None
+    default_decoupled = isinstance(optimizer, torch.optim.AdamW)
+    return [
+        {
+            "params": g["params"],
+            "lr": float(g["lr"]),
+            "betas": tuple(float(b) for b in g["betas"]),
+            "eps": float(g["eps"]),
+            "weight_decay": float(g["weight_decay"]),
+            "decoupled_weight_decay": bool(g.get("decoupled_weight_decay", default_decoupled)),
+            "bias_correction": bias_correction,
+        }
+        for g in optimizer.param_groups
+    ]
+
+
+def build_host_optimizer(
+    make_optimizer: OptimizerFactory, groups: list[dict[str, Any]], offload: OffloadConfig, rank: int
+) -> torch.optim.Optimizer:
+    """The user's optimizer over CPU masters; Adam/AdamW become CPU Adam (state on disk for nvme).
+
+    The user's optimizer is built first and translated, so an Adam given as a config
+    section, a torch optimizer or a factory all become CPU Adam alike.
+    """
+    built = make_optimizer(groups)
+    adam_groups = _adam_groups(built)
+    if offload.device == "nvme":
+        if adam_groups is None and not isinstance(built, CPUAdam):
+            raise ConfigError(
+                f"zero_optimization.offload_optimizer.device nvme keeps Adam's moments on disk, but the "
+                f"optimizer is {type(built).__name__}; use an Adam/AdamW/CPUAdam optimizer or offload to cpu."
+            )
+        from ds.zero.disk_adam import DiskStateAdam
+
+        assert offload.nvme_path is not None  # the config requires it
+        os.makedirs(offload.nvme_path, exist_ok=True)
+        folder = tempfile.mkdtemp(prefix=f"ds_zero_optimizer_rank{rank}_", dir=offload.nvme_path)
+        return DiskStateAdam(adam_groups or built.param_groups, folder=folder, offload=offload)
+    if adam_groups is None:
+        return built
+    return CPUAdam(adam_groups)
+
+
+class HostMasters:
+    """Moves stage 1/2 flat groups' masters to the CPU and runs the step there."""
+
+    def __init__(self, groups: list[FlatGroup], offload: OffloadConfig) -> None:
+        self.groups = groups
+        self.pin = pin_host_memory(offload)
+        for group in groups:
+            host = host_empty(group.shard_numel, torch.float32, pin=self.pin).copy_(group.master)
+            group.master = host
+            group.segments = [dataclasses.replace(s, master=host) for s in group.segments]
+        self._grads = [host_empty(g.shard_numel, torch.float32, pin=self.pin) for g in groups]
+        self._low = [
+            None if g.full.dtype == torch.float32
+            else host_empty(g.shard_numel, g.full.dtype, pin=self.pin).copy_(g.master)
+            for g in groups
+        ]
+
+    def receive_gradient(self, index: int, shard_grad: torch.Tensor) -> None:
+        """Start copying one group's reduced (already averaged) gradient slice to the CPU."""
+        host = self._grads[index]
+        host.copy_(shard_grad, non_blocking=self.pin and shard_grad.is_cuda)
+        self.groups[index].master.grad = host
+
+    def gradients_arrived(self) -> None:
+        """Wait for the non-blocking copies: the engine reads the gradients next."""
+        if self.pin and any(g.full.is_cuda for g in self.groups):
+            torch.cuda.current_stream().synchronize()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        """Update the masters; return each group's compute-dtype slice on the device."""
+        if isinstance(optimizer, CPUAdam):
+            by_master = {id(g.master): low for g, low in zip(self.groups, self._low, strict=True)}
+            order = [by_master.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
+            optimizer.step(low_precision_params=order)
+        else:
+            optimizer.step()
+            for group, low in zip(self.groups, self._low, strict=True):
+                if low is not None:
+                    low.copy_(group.master)
+        return [
+            (group.master if low is None else low).to(group.full.device, non_blocking=self.pin)
+            for group, low in zip(self.groups, self._low, strict=True)
+        ]
