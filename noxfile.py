@@ -30,6 +30,8 @@ CORE = "core"
 INTEGRATION = "integration"
 TORCH = "torch==2.13.0"
 TEST_REQUIREMENTS = ("pytest>=8", "pytest-timeout>=2.3")
+SUITE_TEST_REQUIREMENTS = {"zero": ["transformers>=4.45"]}
+# Extra test-only needs of one suite (ds-zero's export tests load Hugging Face models).
 # A test that hangs (say, a collective that never completes) fails after this many
 # seconds instead of stalling the whole run.
 TEST_TIMEOUT_S = "900"
@@ -92,7 +94,7 @@ def tests(session: nox.Session, suite: str) -> None:
     else:
         install_packages(session, sorted({CORE, suite}))
         test_path = f"packages/{suite}/tests"
-    session.install(*TEST_REQUIREMENTS)
+    session.install(*TEST_REQUIREMENTS, *SUITE_TEST_REQUIREMENTS.get(suite, []))
     session.run("pytest", test_path, f"--timeout={TEST_TIMEOUT_S}", *session.posargs)
 
 
@@ -137,7 +139,7 @@ def wheels(session: nox.Session) -> None:
 @nox.session
 def packaging(session: nox.Session) -> None:
     """Wheels into a fresh environment: core alone, then a third-party plugin, then a broken one."""
-    session.install(*TEST_REQUIREMENTS)
+    session.install(*TEST_REQUIREMENTS, *SUITE_TEST_REQUIREMENTS.get(suite, []))
     session.run("pytest", "tests/packaging", f"--timeout={TEST_TIMEOUT_S}", *session.posargs)
 
 
