@@ -103,6 +103,7 @@ def _tied_net(seed: int) -> dict[str, Any]:
 
 
 def _rules() -> dict[str, str]:
+    import ds.core
     import ds.zero
     from ds.core.comm import init_distributed
     from ds.core.errors import ConfigError, DsError
@@ -128,6 +129,10 @@ def _rules() -> dict[str, str]:
     outcome["stage2"] = type(whole.weight).__name__
     with ds.zero.Init():
         sharded = nn.Linear(4, 4)
+    try:
+        ds.core.initialize(model=sharded, config=_config(world, stage=1))
+    except ConfigError as error:
+        outcome["stage1"] = str(error)
     comm = init_distributed()
     try:
         release_init_shards(sharded, Mesh.build(comm, pp=world).submesh("dp"))  # dp of one rank
@@ -196,12 +201,15 @@ def test_each_rank_holds_its_share_and_never_the_full_model(
 def test_initialisers_disabled_stages_and_mesh_mismatch_are_explicit(
     constructed: dict[int, list[dict[str, Any]]],
 ) -> None:
+    """Also covers ds-zero's ``ds_register_model_transforms`` (the check that stops an
+    Init-built model at stages 0-2) through ``ds.core.initialize``."""
     for world in (2, 4):
         for outcome in (r["rules"] for r in constructed[world]):
             assert "Scale" in outcome["no_initialiser"] and "reset_parameters" in outcome["no_initialiser"]
             assert outcome["init_module"] == str([2.0] * 4)
             assert outcome["nested"] == "True"
             assert outcome["stage2"] == "Parameter"  # stages 0-2 keep whole parameters
+            assert "ds.zero.Init" in outcome["stage1"] and "stage is 1" in outcome["stage1"]
             ranks = str(list(range(world)))
             assert ranks in outcome["mesh_mismatch"] and "pass the run's config" in outcome["mesh_mismatch"]
 

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from ds.core.comm import TorchCommunicator
     from ds.core.config import DsConfig
     from ds.core.mesh import Mesh
+    from ds.core.partition import PartitionContext
 
 DP_DIM = "dp"
 _MATERIALISE_ON = torch.device("cpu")
@@ -330,6 +331,27 @@ def is_init_sharded(param: torch.Tensor) -> bool:
         and param.device_mesh.mesh_dim_names == (DP_DIM,)
         and tuple(param.placements) == (Shard(0),)
     )
+
+
+class InitLayoutCheck:
+    """Model transform: a model built under :class:`Init` given to a stage that keeps
+    whole parameters (0-2) fails here, by name, not inside a broadcast of a shard."""
+
+    name = "zero-init-layout-check"
+    order = 0  # before every rewrite
+
+    def applies(self, config: DsConfig) -> bool:
+        return _zero_stage(config) != 3
+
+    def apply(self, module: nn.Module, context: PartitionContext) -> nn.Module:
+        sharded = [name for name, p in module.named_parameters() if is_init_sharded(p)]
+        if sharded:
+            raise ConfigError(
+                f"the model was built under ds.zero.Init, which shards its parameters ({sharded[0]}, ...) for "
+                f"ZeRO stage 3, but zero_optimization.stage is {_zero_stage(context.config)}. Set stage 3, or "
+                "pass the run's config to ds.zero.Init, which then builds whole parameters."
+            )
+        return module
 
 
 def release_init_shards(module: nn.Module, dp_mesh: DeviceMesh) -> dict[str, torch.Tensor]:

@@ -52,3 +52,10 @@ def ds_choose_partitioner(config: Any) -> str | None:
     if zero is None or zero.stage == 0:
         return None
     return f"zero-{zero.stage}"
+
+
+@hookimpl
+def ds_register_model_transforms(register: Callable[..., None]) -> None:
+    from ds.zero.init import InitLayoutCheck
+
+    register(InitLayoutCheck())

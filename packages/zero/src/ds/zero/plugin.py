@@ -93,7 +93,13 @@ def ds_report_lines() -> list[str]:
 from ds.zero.partitioners import (  # noqa: E402
     ds_choose_partitioner,
     ds_register_config_sections,
+    ds_register_model_transforms,
     ds_register_partitioners,
 )
 
-__all__ = ["ds_choose_partitioner", "ds_register_config_sections", "ds_register_partitioners"]
+__all__ = [
+    "ds_choose_partitioner",
+    "ds_register_config_sections",
+    "ds_register_model_transforms",
+    "ds_register_partitioners",
+]
