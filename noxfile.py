@@ -139,7 +139,7 @@ def wheels(session: nox.Session) -> None:
 @nox.session
 def packaging(session: nox.Session) -> None:
     """Wheels into a fresh environment: core alone, then a third-party plugin, then a broken one."""
-    session.install(*TEST_REQUIREMENTS, *SUITE_TEST_REQUIREMENTS.get(suite, []))
+    session.install(*TEST_REQUIREMENTS)
     session.run("pytest", "tests/packaging", f"--timeout={TEST_TIMEOUT_S}", *session.posargs)
 
 
