@@ -108,7 +108,7 @@ def _rules() -> dict[str, str]:
     from ds.core.comm import init_distributed
     from ds.core.errors import ConfigError, DsError
     from ds.core.mesh import Mesh
-    from ds.zero.init import release_init_shards
+    from ds.zero.init_layout import release_init_shards
 
     outcome = {}
     try:

@@ -44,7 +44,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 from ds.core.errors import DsError
 from ds.zero.flat_group import flat_group_of
-from ds.zero.init import local_slice
+from ds.zero.init_layout import local_slice
 
 
 @dataclass

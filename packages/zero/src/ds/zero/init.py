@@ -34,8 +34,7 @@ world size, and the generator is left where that would leave it.
 Result: every parameter with at least one dimension is a ``DTensor`` placed
 ``Shard(0)`` on a 1-D device mesh named ``dp`` (the data-parallel group, chunked as
 ``torch.chunk`` does, which is how ``fully_shard`` chunks); scalars stay whole. Stage 3
-adopts these shards as they are (:func:`release_init_shards` before ``fully_shard``,
-:func:`adopt_init_shards` after); use :class:`ds.zero.GatheredParameters` to see or edit
+adopts these shards as they are (:mod:`ds.zero.init_layout`); use :class:`ds.zero.GatheredParameters` to see or edit
 whole values. Stages 0-2 keep whole parameters on every rank, so with a config whose
 ``zero_optimization.stage`` is not 3 the block builds the model normally.
 """
@@ -44,7 +43,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -54,7 +53,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.nn.modules.module import (
     register_module_module_registration_hook,
     register_module_parameter_registration_hook,
@@ -62,14 +60,13 @@ from torch.nn.modules.module import (
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ds.core.errors import ConfigError, DsError
+from ds.zero.init_layout import DP_DIM, local_slice, zero_stage
 
 if TYPE_CHECKING:
     from ds.core.comm import TorchCommunicator
     from ds.core.config import DsConfig
     from ds.core.mesh import Mesh
-    from ds.core.partition import PartitionContext
 
-DP_DIM = "dp"
 _MATERIALISE_ON = torch.device("cpu")
 _ACTIVE: list[Init] = []
 """The Init block now running in this process, if any; nested blocks leave it the work."""
@@ -107,7 +104,7 @@ class Init:
     ) -> None:
         self.communicator: TorchCommunicator | None = None
         loaded = _load(config) if config is not None else None
-        self.enabled = enabled and (loaded is None or _zero_stage(loaded) == 3)
+        self.enabled = enabled and (loaded is None or zero_stage(loaded) == 3)
         self._dtype = dtype
         self._seed = seed
         self._init_module = init_module
@@ -311,110 +308,6 @@ def _enclosing_hf_model(module: nn.Module, built: _Construction) -> Any:
     return None
 
 
-# -- helpers shared with GatheredParameters and stage 3 ----------------------------------
-
-
-def local_slice(whole: torch.Tensor, mesh: DeviceMesh, placements: tuple[Any, ...]) -> torch.Tensor:
-    """The piece of ``whole`` this rank holds under ``placements`` (a view)."""
-    shape, offset = compute_local_shape_and_global_offset(whole.shape, mesh, placements)
-    piece = whole
-    for dim, (start, length) in enumerate(zip(offset, shape, strict=True)):
-        if length != whole.shape[dim]:
-            piece = piece.narrow(dim, start, length)
-    return piece
-
-
-def is_init_sharded(param: torch.Tensor) -> bool:
-    """Whether ``param`` has Init's layout: ``Shard(0)`` on a 1-D mesh named ``dp``."""
-    return (
-        isinstance(param, DTensor)
-        and param.device_mesh.mesh_dim_names == (DP_DIM,)
-        and tuple(param.placements) == (Shard(0),)
-    )
-
-
-class InitLayoutCheck:
-    """Model transform: a model built under :class:`Init` given to a stage that keeps
-    whole parameters (0-2) fails here, by name, not inside a broadcast of a shard."""
-
-    name = "zero-init-layout-check"
-    order = 0  # before every rewrite
-
-    def applies(self, config: DsConfig) -> bool:
-        return _zero_stage(config) != 3
-
-    def apply(self, module: nn.Module, context: PartitionContext) -> nn.Module:
-        sharded = [name for name, p in module.named_parameters() if is_init_sharded(p)]
-        if sharded:
-            raise ConfigError(
-                f"the model was built under ds.zero.Init, which shards its parameters ({sharded[0]}, ...) for "
-                f"ZeRO stage 3, but zero_optimization.stage is {_zero_stage(context.config)}. Set stage 3, or "
-                "pass the run's config to ds.zero.Init, which then builds whole parameters."
-            )
-        return module
-
-
-def release_init_shards(module: nn.Module, dp_mesh: DeviceMesh) -> dict[str, torch.Tensor]:
-    """Swap Init's sharded parameters for ``meta`` placeholders ``fully_shard`` accepts.
-
-    Returns each released parameter's local shard by fully qualified name, for
-    :func:`adopt_init_shards` once ``fully_shard`` has set up its own sharded parameters.
-    Raises if the shards were cut for other ranks than ``dp_mesh``'s.
-    """
-    expected = dp_mesh.mesh.flatten().tolist()
-    shards: dict[str, torch.Tensor] = {}
-    placeholders: dict[int, nn.Parameter] = {}
-    for prefix, owner in module.named_modules(remove_duplicate=False):
-        for name, param in list(owner._parameters.items()):
-            if param is None or not is_init_sharded(param):
-                continue
-            if id(param) not in placeholders:
-                built_for = param.device_mesh.mesh.flatten().tolist()
-                if built_for != expected:
-                    raise ConfigError(
-                        f"parameter {prefix + '.' + name if prefix else name} was sharded by ds.zero.Init "
-                        f"over ranks {built_for}, but ZeRO stage 3 shards over the data-parallel ranks "
-                        f"{expected}; pass the run's config (or its mesh) to ds.zero.Init."
-                    )
-                shards[f"{prefix}.{name}" if prefix else name] = param.to_local()
-                meta = torch.empty(param.shape, dtype=param.dtype, device="meta")
-                placeholders[id(param)] = nn.Parameter(meta, requires_grad=param.requires_grad)
-            owner._parameters[name] = placeholders[id(param)]
-    return shards
-
-
-def adopt_init_shards(module: nn.Module, shards: dict[str, torch.Tensor]) -> None:
-    """Put the shards :func:`release_init_shards` kept into ``fully_shard``'s parameters.
-
-    ``fully_shard`` made a sharded ``DTensor`` with empty (meta) storage for each
-    placeholder; it is replaced by one over the kept shard, which FSDP picks up at its
-    lazy initialisation as it does after ``to_empty``.
-    """
-    for fqn, local in shards.items():
-        owner_name, _, name = fqn.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        sharded = owner._parameters[name]
-        assert isinstance(sharded, DTensor)
-        expected = sharded.to_local().shape
-        if local.shape != expected:
-            raise DsError(
-                f"ds.zero.Init's shard of {fqn} has shape {tuple(local.shape)} but fully_shard expects "
-                f"{tuple(expected)}; torch changed how it chunks parameters, please report this."
-            )
-        adopted = DTensor.from_local(
-            local.to(dtype=sharded.dtype), sharded.device_mesh, sharded.placements,
-            run_check=False, shape=sharded.shape, stride=sharded.stride(),
-        )
-        replacement = nn.Parameter(adopted, requires_grad=sharded.requires_grad)
-        for holder, slot in _slots_holding(module.modules(), sharded):
-            holder._parameters[slot] = replacement
-
-
-def _slots_holding(modules: Iterable[nn.Module], param: torch.Tensor) -> list[tuple[nn.Module, str]]:
-    """Every (module, name) that registers ``param``: tied weights have several."""
-    return [(m, name) for m in modules for name, p in m._parameters.items() if p is param]
-
-
 def _children_first(roots: list[nn.Module]) -> Iterator[nn.Module]:
     visited: set[int] = set()
 
@@ -443,8 +336,3 @@ def _load(config: Any) -> DsConfig:
         return config
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     return load_config(config, world_size=world)
-
-
-def _zero_stage(config: DsConfig) -> int:
-    section = config.section("zero_optimization")
-    return int(section.stage) if section is not None else 0  # type: ignore[attr-defined]

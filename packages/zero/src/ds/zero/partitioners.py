@@ -56,6 +56,6 @@ def ds_choose_partitioner(config: Any) -> str | None:
 
 @hookimpl
 def ds_register_model_transforms(register: Callable[..., None]) -> None:
-    from ds.zero.init import InitLayoutCheck
+    from ds.zero.init_layout import InitLayoutCheck
 
     register(InitLayoutCheck())

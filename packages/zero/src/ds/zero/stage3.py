@@ -38,7 +38,7 @@ from ds.core.state_names import (
     named_trainable_parameters,
     optimizer_state_shards,
 )
-from ds.zero.init import adopt_init_shards, release_init_shards
+from ds.zero.init_layout import adopt_init_shards, release_init_shards
 from ds.zero.zeropp import ZeroPlusPlus
 
 if TYPE_CHECKING:
