@@ -34,9 +34,10 @@ world size, and the generator is left where that would leave it.
 Result: every parameter with at least one dimension is a ``DTensor`` placed
 ``Shard(0)`` on a 1-D device mesh named ``dp`` (the data-parallel group, chunked as
 ``torch.chunk`` does, which is how ``fully_shard`` chunks); scalars stay whole. Stage 3
-adopts these shards as they are (:mod:`ds.zero.init_layout`); use :class:`ds.zero.GatheredParameters` to see or edit
-whole values. Stages 0-2 keep whole parameters on every rank, so with a config whose
-``zero_optimization.stage`` is not 3 the block builds the model normally.
+adopts these shards as they are (:mod:`ds.zero.init_layout`); use
+:class:`ds.zero.GatheredParameters` to see or edit whole values. Stages 0-2 keep whole
+parameters on every rank, so with a config whose ``zero_optimization.stage`` is not 3
+the block builds the model normally.
 """
 
 from __future__ import annotations
