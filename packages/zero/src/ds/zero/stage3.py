@@ -14,7 +14,13 @@ representation DESIGN.md fixes. ds adds DeepSpeed's configuration and semantics:
   ahead the forward prefetches (at least the next one);
 * accumulation windows skip the reduce-scatter until their last micro-step;
 * ZeRO++ (:mod:`ds.zero.zeropp`): hpZ through FSDP2's ``reshard_after_forward=<int>``,
-  qwZ and qgZ as FSDP2 custom all-gather and reduce-scatter.
+  qwZ and qgZ as FSDP2 custom all-gather and reduce-scatter;
+* ``offload_optimizer`` or ``offload_param`` with device ``cpu``: FSDP2's
+  ``CPUOffloadPolicy``, under which the sharded parameters, their gradients and the
+  optimizer state all live on the CPU (FSDP2 cannot keep parameters on the device while
+  the optimizer runs on the CPU, so either key asks for both). The optimizer is the
+  user's torch optimizer stepping the CPU DTensor shards; ds-zero's CPU Adam is not used
+  at this stage because it updates plain contiguous tensors, not DTensors.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -39,6 +45,7 @@ from ds.core.state_names import (
     optimizer_state_shards,
 )
 from ds.zero.init_layout import adopt_init_shards, release_init_shards
+from ds.zero.offload import pin_host_memory
 from ds.zero.zeropp import ZeroPlusPlus
 
 if TYPE_CHECKING:
@@ -63,6 +70,13 @@ def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _offload_policy(zero: ZeroConfig) -> OffloadPolicy:
+    offloads = [o for o in (zero.offload_optimizer, zero.offload_param) if o.device == "cpu"]
+    if not offloads:
+        return OffloadPolicy()
+    return CPUOffloadPolicy(pin_memory=any(pin_host_memory(o) for o in offloads))
+
+
 class FullyShardedPartitioner(Partitioner):
     """ZeRO stage 3: every rank holds ``1/N`` of parameters, gradients and optimizer state."""
 
@@ -82,10 +96,11 @@ class FullyShardedPartitioner(Partitioner):
         threshold = int(zero.stage3_param_persistence_threshold)
         zeropp = ZeroPlusPlus.from_config(zero, mesh.size())
         units = shard_units(module)
+        offload = _offload_policy(zero)
         for unit in units:
             reshard = zeropp.reshard_after_forward(_numel(unit) >= threshold)
-            fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
-        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+            fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard, offload_policy=offload)
+        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False, offload_policy=offload)
         adopt_init_shards(module, init_shards)
         zeropp.install_fsdp_collectives([*units, module], self._comm)
         self._set_prefetch(units, zero)
