@@ -153,8 +153,8 @@ def _refresh_master(param: torch.Tensor) -> None:
     start, stop = max(offset, group.lo), min(offset + param.numel(), group.hi)
     if start >= stop:
         return
-    edited = group.full[start:stop]
     master = group.master[start - group.lo : stop - group.lo]
+    edited = group.full[start:stop].to(master.device)  # masters may be offloaded to the CPU
     # Only changed elements: an untouched fp32 master keeps its precision under bf16/fp16.
     changed = master.to(edited.dtype) != edited
     master[changed] = edited[changed].to(master.dtype)
