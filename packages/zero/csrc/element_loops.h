@@ -15,8 +15,9 @@
 // rounded) differs by an ulp.
 //
 // An Ops type provides: V (a float vector, or float), kWidth, set1(float), load() from
-// float / BFloat16Bits / Float16Bits pointers, store() to the same, sqrt(V) and
-// fma(a, b, c) = a * b + c rounded once. V must support + - * / (GCC and Clang vector
+// float / BFloat16Bits / Float16Bits pointers, store() to the same, stream() (a
+// non-temporal store to BFloat16Bits / Float16Bits at a vector-aligned address) and
+// fence(), sqrt(V) and fma(a, b, c) = a * b + c rounded once. V must support + - * / (GCC and Clang vector
 // extensions do for __m256 and __m512).
 #pragma once
 
@@ -32,11 +33,6 @@ namespace ds_zero {
 namespace {
 
 struct NoCopy {};
-
-template <class C>
-constexpr bool kWritesCopy = true;
-template <>
-constexpr bool kWritesCopy<NoCopy> = false;
 
 // fp32 -> bf16 with round-to-nearest-even and a canonical NaN, as torch rounds.
 inline std::uint16_t bfloat16_bits_from_float(float value) {
@@ -69,8 +65,50 @@ struct ScalarOps {
     const _Float16 half = static_cast<_Float16>(value);
     __builtin_memcpy(dst, &half, sizeof(half));
   }
+  template <class H>
+  static void stream(H* dst, V value) {
+    store(dst, value);
+  }
+  static void fence() {}
   static V sqrt(V value) { return __builtin_sqrtf(value); }
   static V fma(V a, V b, V c) { return __builtin_fmaf(a, b, c); }
+};
+
+// Writes the low-precision copy. Nothing reads the copy during the step (it goes to the
+// accelerator afterwards), so when the buffer is aligned for it the vector paths use
+// non-temporal stores: they skip reading each destination line into cache first, which
+// saves 2 of the 32 bytes an update with a copy would otherwise move per parameter.
+template <class Ops, class C>
+class CopyWriter {
+ public:
+  CopyWriter(C* copy, std::int64_t begin)
+      : copy_(copy),
+        stream_(reinterpret_cast<std::uintptr_t>(copy + begin) % (Ops::kWidth * sizeof(C)) == 0) {}
+  CopyWriter(const CopyWriter&) = delete;
+  CopyWriter& operator=(const CopyWriter&) = delete;
+  // Non-temporal stores are weakly ordered: fence them before the step returns and
+  // anyone (another thread, a DMA engine) reads the copy.
+  ~CopyWriter() {
+    if (stream_) Ops::fence();
+  }
+  void write(std::int64_t i, typename Ops::V value) const {
+    if (stream_) {
+      Ops::stream(copy_ + i, value);
+    } else {
+      Ops::store(copy_ + i, value);
+    }
+  }
+
+ private:
+  C* copy_;
+  bool stream_;
+};
+
+template <class Ops>
+class CopyWriter<Ops, NoCopy> {
+ public:
+  CopyWriter(NoCopy*, std::int64_t) {}
+  void write(std::int64_t, typename Ops::V) const {}
 };
 
 // Work is handed to the OpenMP threads in chunks of this many elements (128 KB of each
@@ -108,6 +146,7 @@ void adam_range(const AdamStep& s, const G* grad, C* copy, std::int64_t begin, s
   const V multiplier = Ops::set1(s.grad_multiplier);
   // Like torch, skip the L2 term when it is zero: 0 * inf would turn an inf param to NaN.
   const bool has_l2 = s.l2_weight_decay != 0.0f;
+  const CopyWriter<Ops, C> copy_writer(copy, begin);
   std::int64_t i = begin;
   for (; i + Ops::kWidth <= end; i += Ops::kWidth) {
     V p = Ops::load(s.param + i);
@@ -123,7 +162,7 @@ void adam_range(const AdamStep& s, const G* grad, C* copy, std::int64_t begin, s
     Ops::store(s.exp_avg + i, m);
     Ops::store(s.exp_avg_sq + i, v);
     Ops::store(s.param + i, p);
-    if constexpr (kWritesCopy<C>) Ops::store(copy + i, p);
+    copy_writer.write(i, p);
   }
   if constexpr (Ops::kWidth > 1) {
     if (i < end) adam_range<ScalarOps, G, C>(s, grad, copy, i, end);
@@ -137,6 +176,7 @@ void adagrad_range(const AdagradStep& s, const G* grad, C* copy, std::int64_t be
   const V clr = Ops::set1(s.clr), eps = Ops::set1(s.eps);
   const V weight_decay = Ops::set1(s.weight_decay), multiplier = Ops::set1(s.grad_multiplier);
   const bool has_weight_decay = s.weight_decay != 0.0f;
+  const CopyWriter<Ops, C> copy_writer(copy, begin);
   std::int64_t i = begin;
   for (; i + Ops::kWidth <= end; i += Ops::kWidth) {
     V p = Ops::load(s.param + i);
@@ -148,7 +188,7 @@ void adagrad_range(const AdagradStep& s, const G* grad, C* copy, std::int64_t be
     p = p - clr * g / std_dev;
     Ops::store(s.sum + i, sum);
     Ops::store(s.param + i, p);
-    if constexpr (kWritesCopy<C>) Ops::store(copy + i, p);
+    copy_writer.write(i, p);
   }
   if constexpr (Ops::kWidth > 1) {
     if (i < end) adagrad_range<ScalarOps, G, C>(s, grad, copy, i, end);
