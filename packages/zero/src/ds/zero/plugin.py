@@ -86,7 +86,9 @@ def ds_register_optimizers(register: Callable[..., None]) -> None:
 
 @hookimpl
 def ds_report_lines() -> list[str]:
-    return [_native.describe()]
+    from ds.zero import aio
+
+    return [_native.describe(), aio.describe()]
 
 
 # The ZeRO stages: the ``zero_optimization`` section, the partitioners and the choice.
