@@ -18,10 +18,13 @@ a core does while it runs, which stays stable under load where wall-clock time d
 OpenMP threads are made to sleep rather than spin while idle (``OMP_WAIT_POLICY=PASSIVE``)
 so CPU time counts work only; every implementation here runs on the same OpenMP runtime.
 
-DeepSpeed runs in a separate worker process started with ``--deepspeed-python`` (a venv
-with ``deepspeed==0.19.8`` and ninja; its JIT build of cpu_adam is cached after the first
-run), interleaved with the others. DeepSpeed 0.19.8's CPU Adam has no fused
-low-precision copy, so its "+ bf16 copy" row adds a separate ``copy_``, as torch's does.
+DeepSpeed's CPU Adam runs in this process on the same buffers. When this interpreter
+cannot import deepspeed, the script re-runs itself under ``--deepspeed-python`` (a venv
+made with ``--system-site-packages`` holding ``deepspeed==0.19.8`` and ninja, so ds and
+torch come from here; its JIT build of cpu_adam is cached after the first run). Timing
+DeepSpeed in a separate process instead would give it other memory pages, which alone
+moved results by 10%. DeepSpeed 0.19.8's CPU Adam has no fused low-precision copy, so
+its "+ bf16 copy" row adds a separate ``copy_``, as torch's does.
 
     python tools/bench/cpu_adam.py --out benchmarks/results/cpu_adam
 """
@@ -39,7 +42,6 @@ import importlib.metadata
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -51,84 +53,22 @@ import torch
 
 from ds.zero import CPUAdam
 from ds.zero._native import available_isas, native_extension
+from ds.zero.cpu_optim_ops import AdamScalars, adam_update_
 
 BYTES_PER_PARAM = 28  # read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq
 BYTES_PER_COPY = 2  # the bf16 copy written in the same pass
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-8, 0.01
 
-_WORKER_PREFIX = "DSBENCH "
-_DEEPSPEED_WORKER = r'''
-import json, sys, time, torch
-import deepspeed
-from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-def reply(obj):
-    print("DSBENCH " + json.dumps(obj), flush=True)
-
-reply({"deepspeed": deepspeed.__version__, "torch": torch.__version__})
-params, copies, optimizer = [], [], None
-for line in sys.stdin:
-    cmd = json.loads(line)
-    if cmd["cmd"] == "alloc":
-        params = [torch.nn.Parameter(torch.randn(n)) for n in cmd["tensor_sizes"]]
-        for p in params:
-            p.grad = torch.randn(p.numel())
-        copies = [torch.empty(p.numel(), dtype=torch.bfloat16) for p in params]
-        optimizer = DeepSpeedCPUAdam(params, lr=cmd["lr"], betas=tuple(cmd["betas"]),
-                                     eps=cmd["eps"], weight_decay=cmd["weight_decay"],
-                                     adamw_mode=True)
-        optimizer.step()
-        reply({"ok": True})
-    elif cmd["cmd"] == "time":
-        wall, cpu = time.perf_counter(), time.process_time()
-        for _ in range(cmd["steps"]):
-            optimizer.step()
-            if cmd["copy"]:
-                torch._foreach_copy_(copies, [p.detach() for p in params])
-        reply({"wall": (time.perf_counter() - wall) / cmd["steps"],
-               "cpu": (time.process_time() - cpu) / cmd["steps"]})
-    elif cmd["cmd"] == "free":
-        params, copies, optimizer = [], [], None
-        reply({"ok": True})
-    else:
-        break
-'''
+REEXEC_ENV = "DS_BENCH_CPU_ADAM_REEXEC"
 
 
-class DeepSpeedWorker:
-    """DeepSpeed's CPU Adam in its own interpreter, answering timing requests over pipes."""
-
-    def __init__(self, python: str) -> None:
-        self._process = subprocess.Popen(
-            [python, "-c", _DEEPSPEED_WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True,
-        )
-        self.versions = self._read()
-
-    def _read(self) -> dict[str, Any]:
-        assert self._process.stdout is not None
-        for line in self._process.stdout:
-            if line.startswith(_WORKER_PREFIX):
-                return json.loads(line[len(_WORKER_PREFIX):])
-        raise RuntimeError("DeepSpeed worker exited; run it by hand to see why")
-
-    def request(self, **command: object) -> dict[str, Any]:
-        assert self._process.stdin is not None
-        self._process.stdin.write(json.dumps(command) + "\n")
-        self._process.stdin.flush()
-        return self._read()
-
-    def time(self, steps: int, *, copy: bool) -> tuple[float, float]:
-        """Wall and CPU seconds per step (each step followed by a bf16 copy if ``copy``)."""
-        reply = self.request(cmd="time", steps=steps, copy=copy)
-        return float(reply["wall"]), float(reply["cpu"])
-
-    def close(self) -> None:
-        if self._process.poll() is None:
-            assert self._process.stdin is not None
-            self._process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-            self._process.stdin.close()
-            self._process.wait(timeout=60)
+def _deepspeed_cpu_adam() -> Callable[..., torch.optim.Optimizer] | None:
+    """DeepSpeed's CPU Adam class when deepspeed is importable here (its JIT build may run)."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    except ImportError:
+        return None
+    return DeepSpeedCPUAdam
 
 
 @dataclass
@@ -188,13 +128,15 @@ def _tensor_sizes(total: int, per_tensor: int) -> list[int]:
     return sizes + ([total % per_tensor] if total % per_tensor else [])
 
 
-def bench_size(total: int, per_tensor: int, rounds: int, deepspeed: DeepSpeedWorker | None,
+def bench_size(total: int, per_tensor: int, rounds: int,
+               deepspeed: Callable[..., torch.optim.Optimizer] | None,
                isas: list[str]) -> dict:
     """Time every contender on ``total`` parameters, interleaved over ``rounds`` rounds."""
     sizes = _tensor_sizes(total, per_tensor)
     params = [torch.randn(n).requires_grad_() for n in sizes]
-    for p in params:
-        p.grad = torch.randn(p.numel())
+    grads = [torch.randn(n) for n in sizes]
+    for p, grad in zip(params, grads, strict=True):
+        p.grad = grad
     moments = [(torch.zeros(n), torch.zeros(n)) for n in sizes]
     copies = [torch.empty(n, dtype=torch.bfloat16) for n in sizes]
     hyper: dict[str, Any] = {"lr": LR, "betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY}
@@ -208,6 +150,20 @@ def bench_size(total: int, per_tensor: int, rounds: int, deepspeed: DeepSpeedWor
             f"ds CPUAdam [{isa}] + bf16 copy (fused)",
             _timed(functools.partial(ours.step, low_precision_params=copies)),
             BYTES_PER_PARAM + BYTES_PER_COPY))
+    # ZeRO-Offload's own layout: gradients arrive from the accelerator in bf16 (half the
+    # PCIe traffic) and the bf16 copy goes back, so a step moves 28 bytes per parameter.
+    bf16_grads = [grad.to(torch.bfloat16) for grad in grads]
+
+    def offload_step(isa: str = isas[0]) -> None:
+        scalars = AdamScalars.for_step(step=1, lr=LR, betas=BETAS, eps=EPS,
+                                       weight_decay=WEIGHT_DECAY, decoupled_weight_decay=True)
+        for p, grad, (exp_avg, exp_avg_sq), copy in zip(params, bf16_grads, moments, copies,
+                                                        strict=True):
+            adam_update_(p.detach(), grad, exp_avg, exp_avg_sq, scalars, isa=isa,
+                         low_precision_param=copy)
+
+    contenders.append(Contender(f"ds adam_update_ [{isas[0]}], bf16 grads + bf16 copy",
+                                _timed(offload_step), BYTES_PER_PARAM - 2 + BYTES_PER_COPY))
     fused = torch.optim.AdamW(params, **hyper, fused=True)
     _shared_state(fused, moments)
     foreach = torch.optim.AdamW(params, **hyper, foreach=True)
@@ -225,12 +181,17 @@ def bench_size(total: int, per_tensor: int, rounds: int, deepspeed: DeepSpeedWor
         Contender("torch AdamW foreach", _timed(foreach.step), BYTES_PER_PARAM),
     ]
     if deepspeed is not None:
-        deepspeed.request(cmd="alloc", tensor_sizes=sizes, lr=LR, betas=BETAS, eps=EPS,
-                          weight_decay=WEIGHT_DECAY)
+        theirs = deepspeed(params, **hyper, adamw_mode=True)
+        for param, (exp_avg, exp_avg_sq) in zip(params, moments, strict=True):
+            theirs.state[param] = {"step": 0, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+        def deepspeed_then_copy() -> None:
+            theirs.step()
+            torch._foreach_copy_(copies, detached)
+
         contenders += [
-            Contender("DeepSpeedCPUAdam", functools.partial(deepspeed.time, copy=False),
-                      BYTES_PER_PARAM),
-            Contender("DeepSpeedCPUAdam + bf16 copy", functools.partial(deepspeed.time, copy=True),
+            Contender("DeepSpeedCPUAdam", _timed(theirs.step), BYTES_PER_PARAM),
+            Contender("DeepSpeedCPUAdam + bf16 copy", _timed(deepspeed_then_copy),
                       BYTES_PER_PARAM + BYTES_PER_COPY),
         ]
 
@@ -242,9 +203,6 @@ def bench_size(total: int, per_tensor: int, rounds: int, deepspeed: DeepSpeedWor
             wall, cpu = contender.run(steps)
             contender.wall.append(wall)
             contender.cpu.append(cpu)
-
-    if deepspeed is not None:
-        deepspeed.request(cmd="free")
 
     rows = {}
     for c in contenders:
@@ -275,6 +233,8 @@ def _ratios(size: dict, isa: str, metric: str) -> dict[str, float]:
         "ours / torch fused": ours / rate("torch AdamW fused"),
         "ours+bf16 copy / torch fused (no copy)": ours_copy / rate("torch AdamW fused"),
         "ours+bf16 copy / torch fused + copy": ours_copy / rate("torch AdamW fused + bf16 copy"),
+        "ours, bf16 grads + bf16 copy / torch fused (fp32 grads, no copy)":
+            rate(f"ds adam_update_ [{isa}], bf16 grads + bf16 copy") / rate("torch AdamW fused"),
         "ours / torch foreach": ours / rate("torch AdamW foreach"),
     }
     if "DeepSpeedCPUAdam" in rows:
@@ -322,7 +282,8 @@ def render_markdown(report: dict) -> str:
         f"{report['tensor_elements'] / 1e6:.0f}M elements; {report['rounds']} interleaved rounds. "
         "Wall clock: best round (median in brackets). Per CPU-second: parameters updated per "
         "second of process CPU time (all threads, memory stalls included), median round; "
-        "stable under load. Bytes moved: 28 per parameter, 30 with the bf16 copy.",
+        "stable under load. Bytes moved: 28 per parameter, 30 with the bf16 copy, 28 with bf16 "
+        "gradients and the bf16 copy.",
         "",
     ]
     for size in report["sizes"]:
@@ -356,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--isas", default=None,
                         help="comma-separated ds paths to time (default: the best one)")
     parser.add_argument("--deepspeed-python", default="/tmp/dsvenv/bin/python",
-                        help="interpreter with deepspeed installed ('' to skip DeepSpeed)")
+                        help="interpreter to re-run under when deepspeed is not importable")
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)
 
@@ -367,13 +328,15 @@ def main(argv: list[str] | None = None) -> int:
     isas = args.isas.split(",") if args.isas else [available_isas()[0]]
     per_tensor = _parse_count(args.tensor_elements)
     notes: list[str] = []
-    deepspeed = None
-    if args.deepspeed_python and Path(args.deepspeed_python).exists():
-        deepspeed = DeepSpeedWorker(args.deepspeed_python)
-    else:
-        notes.append(f"DeepSpeed not measured: no interpreter at {args.deepspeed_python!r} "
-                     "(python -m venv --system-site-packages /tmp/dsvenv && "
-                     "/tmp/dsvenv/bin/pip install deepspeed==0.19.8 ninja).")
+    deepspeed = _deepspeed_cpu_adam()
+    can_reexec = not os.environ.get(REEXEC_ENV) and Path(args.deepspeed_python).exists()
+    if deepspeed is None and can_reexec:
+        os.environ[REEXEC_ENV] = "1"
+        os.execv(args.deepspeed_python, [args.deepspeed_python, *sys.argv])
+    if deepspeed is None:
+        notes.append(f"DeepSpeed not measured: not importable here nor under "
+                     f"{args.deepspeed_python!r} (python -m venv --system-site-packages "
+                     "/tmp/dsvenv && /tmp/dsvenv/bin/pip install deepspeed==0.19.8 ninja).")
 
     threads = native_extension().module.max_threads()
     if torch.get_num_threads() != threads:
@@ -383,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"1 GB copy: {copy_bandwidth / 1e9:.1f} GB/s (read+write)", flush=True)
     sizes = []
     for total in (_parse_count(s) for s in args.sizes.split(",")):
-        # Shared buffers: param, grad, two moments (16 B) + bf16 copy (2 B); DeepSpeed 16 B more.
-        need = total * (18 + (16 if deepspeed else 0))
+        # Shared by every implementation: param, grad, two moments (16 B) + bf16 copy (2 B).
+        need = total * 18
         available = _mem_available_bytes()
         if need > 0.8 * available:
             notes.append(f"{total / 1e6:.0f}M parameters skipped: needs {need / 2**30:.1f} GiB, "
@@ -396,19 +359,13 @@ def main(argv: list[str] | None = None) -> int:
         size["ratios_cpu_time"] = _ratios(size, isas[0], "mparams_per_cpu_s")
         sizes.append(size)
         for name, row in size["results"].items():
-            print(f"{total / 1e6:6.0f}M  {name:45s} {row['mparams_per_s_best']:6.0f} M/s "
+            print(f"{total / 1e6:6.0f}M  {name:62s} {row['mparams_per_s_best']:6.0f} M/s "
                   f"(median {row['mparams_per_s_median']:.0f}, per CPU-s "
                   f"{row['mparams_per_cpu_s']:.0f})  {row['gbytes_per_s_best']:5.1f} GB/s",
                   flush=True)
         for name, value in size["ratios"].items():
-            print(f"{'':8s}{name:45s} {value:.2f}x (per CPU-s "
+            print(f"{'':8s}{name:62s} {value:.2f}x (per CPU-s "
                   f"{size['ratios_cpu_time'][name]:.2f}x)", flush=True)
-    if deepspeed is not None:
-        versions_ds = deepspeed.versions
-        deepspeed.close()
-    else:
-        versions_ds = {}
-
     report = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
@@ -419,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "ds-zero": _version("ds-zero"),
-                     **({"deepspeed": versions_ds["deepspeed"]} if versions_ds else {})},
+                     "deepspeed": _version("deepspeed")},
         "isa": isas[0],
         "available_isas": available_isas(),
         "omp_threads": threads,
