@@ -80,7 +80,7 @@ class PluginSet:
         """
         hook = getattr(self.manager.hook, hook_name)
         bind: Callable[[str], dict[str, Any]] | None = kwargs.pop("_bind", None)
-        for impl in reversed(hook.get_hookimpls()):  # registration order: core first
+        for impl in hook.get_hookimpls():  # registration order: core first, then plugins
             call_kwargs = dict(kwargs)
             if bind is not None:
                 call_kwargs.update(bind(impl.plugin_name))
