@@ -25,10 +25,9 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
 
-from train_gpt import GPT, load_corpus, sample_batch  # noqa: E402
-
 import ds.core  # noqa: E402
 from ds.core.testing import run_distributed  # noqa: E402
+from train_gpt import GPT, load_corpus, sample_batch  # noqa: E402
 
 MODEL = {"layers": 4, "dim": 256, "heads": 4, "context": 128}
 MICRO_BATCH = 8
@@ -95,7 +94,8 @@ def main() -> None:
     result = {
         "benchmark": "dp_overhead",
         "date": date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 torch thread per process, gloo",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        "1 torch thread per process, gloo",
         "torch": torch.__version__,
         "ds": ds.core.__version__,
         "world_size": args.world,

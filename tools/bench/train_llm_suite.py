@@ -33,9 +33,21 @@ def _version(dist: str) -> str:
 
 def run_mode(mode: str, gpus: int, args: argparse.Namespace, results: Path) -> dict | None:
     command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}", str(HERE / "train_llm.py"),
-        "--mode", mode, "--micro-batch", str(args.micro_batch), "--layers", str(args.layers),
-        "--steps", str(args.steps), "--out", str(results),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={gpus}",
+        str(HERE / "train_llm.py"),
+        "--mode",
+        mode,
+        "--micro-batch",
+        str(args.micro_batch),
+        "--layers",
+        str(args.layers),
+        "--steps",
+        str(args.steps),
+        "--out",
+        str(results),
     ]
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", PYTHONUNBUFFERED="1")
     before = results.read_text().count("\n") if results.exists() else 0
@@ -45,13 +57,17 @@ def run_mode(mode: str, gpus: int, args: argparse.Namespace, results: Path) -> d
         return json.loads(lines[-1])
     tail = (proc.stdout + proc.stderr)[-3000:]
     print(f"--- {mode} on {gpus} GPU(s) failed (exit {proc.returncode}):\n{tail}", flush=True)
-    error = next((line for line in reversed(tail.splitlines()) if "Error" in line), tail.splitlines()[-1] if tail else "")
+    error = next(
+        (line for line in reversed(tail.splitlines()) if "Error" in line), tail.splitlines()[-1] if tail else ""
+    )
     return {"mode": mode, "gpus": gpus, "error": error[:300]}
 
 
 def table(records: list[dict]) -> str:
-    rows = ["| GPUs | mode | tokens/s per GPU | MFU | peak GiB | vs DeepSpeed same stage | vs FSDP2 |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| GPUs | mode | tokens/s per GPU | MFU | peak GiB | vs DeepSpeed same stage | vs FSDP2 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in records:
         if "error" in r:
             rows.append(f"| {r['gpus']} | {r['mode']} | failed: {r['error']} | | | | |")
@@ -80,12 +96,24 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "train_llm.jsonl"
-    records = [record for gpus in args.gpus for mode in args.modes
-               if (record := run_mode(mode, gpus, args, results)) is not None]
+    records = [
+        record
+        for gpus in args.gpus
+        for mode in args.modes
+        if (record := run_mode(mode, gpus, args, results)) is not None
+    ]
     gpu = next((r["gpu"] for r in records if "gpu" in r), "unknown GPU")
-    meta = {"date": date.today().isoformat(), "gpu": gpu, "torch": _version("torch"), "ds-core": _version("ds-core"),
-            "deepspeed": _version("deepspeed"), "transformers": _version("transformers"),
-            "micro_batch": args.micro_batch, "layers": args.layers, "steps": args.steps}
+    meta = {
+        "date": date.today().isoformat(),
+        "gpu": gpu,
+        "torch": _version("torch"),
+        "ds-core": _version("ds-core"),
+        "deepspeed": _version("deepspeed"),
+        "transformers": _version("transformers"),
+        "micro_batch": args.micro_batch,
+        "layers": args.layers,
+        "steps": args.steps,
+    }
     (args.out / "train_llm.json").write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
     text = (
         f"# Llama-style decoder training throughput ({meta['date']}, {gpu})\n\n"

@@ -34,9 +34,15 @@ def _config(world: int, gas: int, clip: float, scheduler: dict[str, Any] | None)
 SCHEDULERS = {
     "none": None,
     "WarmupLR": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-3, "warmup_num_steps": 5}},
-    "WarmupDecayLR": {"type": "WarmupDecayLR", "params": {"warmup_max_lr": 3e-3, "warmup_num_steps": 5, "total_num_steps": 20}},
+    "WarmupDecayLR": {
+        "type": "WarmupDecayLR",
+        "params": {"warmup_max_lr": 3e-3, "warmup_num_steps": 5, "total_num_steps": 20},
+    },
     "WarmupCosineLR": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 5, "total_num_steps": 20}},
-    "OneCycle": {"type": "OneCycle", "params": {"cycle_min_lr": 1e-4, "cycle_max_lr": 3e-3, "cycle_first_step_size": 6, "cycle_momentum": False}},
+    "OneCycle": {
+        "type": "OneCycle",
+        "params": {"cycle_min_lr": 1e-4, "cycle_max_lr": 3e-3, "cycle_first_step_size": 6, "cycle_momentum": False},
+    },
     "LRRangeTest": {"type": "LRRangeTest", "params": {"lr_range_test_min_lr": 1e-4, "lr_range_test_step_size": 4}},
 }
 

@@ -42,9 +42,7 @@ def _fp16_overflow() -> dict[str, Any]:
     engine.backward(loss * float("inf"))  # every gradient becomes inf or nan
     engine.step()
     unchanged = all(torch.equal(params[n], p) for n, p in engine.module.named_parameters())
-    state_unchanged = all(
-        torch.equal(state[id(p)][k], v) for p, s in optimizer.state.items() for k, v in s.items()
-    )
+    state_unchanged = all(torch.equal(state[id(p)][k], v) for p, s in optimizer.state.items() for k, v in s.items())
     result = {
         "dtype": str(next(engine.module.parameters()).dtype),
         "unchanged": unchanged,
@@ -79,7 +77,9 @@ def _bf16_masters() -> dict[str, Any]:
     master_dtypes = {str(p.dtype) for g in optimizer.param_groups for p in g["params"]}
     close = all(
         torch.equal(p.detach(), m.detach().to(torch.bfloat16))
-        for p, m in zip(engine.module.parameters(), (m for g in optimizer.param_groups for m in g["params"]), strict=True)
+        for p, m in zip(
+            engine.module.parameters(), (m for g in optimizer.param_groups for m in g["params"]), strict=True
+        )
     )
     return {"model": model_dtypes, "master": master_dtypes, "rounded_copy": close}
 

@@ -60,4 +60,6 @@ def _held_bytes(stage: int) -> tuple[int, int]:
 def test_state_bytes_follow_zero_formulas(stage: int, world: int) -> None:
     for psi, held in run_distributed(_held_bytes, world, stage):
         expected = FORMULAS[stage](psi, world)
-        assert abs(held - expected) / expected < 0.10, f"stage {stage}, N={world}: {held} bytes vs formula {expected:.0f}"
+        assert abs(held - expected) / expected < 0.10, (
+            f"stage {stage}, N={world}: {held} bytes vs formula {expected:.0f}"
+        )

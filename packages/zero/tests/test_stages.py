@@ -33,13 +33,19 @@ def _config(world: int, stage: int, *, gas: int = 1, clip: float = 0.0, **extra:
     }
 
 
-def _assert_close(result: tuple[list[float], dict[str, torch.Tensor]], reference: tuple[list[float], dict[str, torch.Tensor]], rtol: float) -> None:
+def _assert_close(
+    result: tuple[list[float], dict[str, torch.Tensor]],
+    reference: tuple[list[float], dict[str, torch.Tensor]],
+    rtol: float,
+) -> None:
     losses, params = result
     ref_losses, ref_params = reference
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=rtol, atol=rtol * 5e-2)
     assert params.keys() == ref_params.keys()
     for name, ref in ref_params.items():
-        torch.testing.assert_close(params[name].float(), ref.float(), rtol=rtol, atol=rtol * 5e-2, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            params[name].float(), ref.float(), rtol=rtol, atol=rtol * 5e-2, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 @pytest.mark.parametrize(

@@ -159,7 +159,8 @@ def make_plugin_set(
 def _info(name: str, module: str, distribution: str | None) -> PluginInfo:
     version = None
     if distribution is not None:
-        from importlib.metadata import PackageNotFoundError, version as dist_version
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
 
         try:
             version = dist_version(distribution)

@@ -84,7 +84,10 @@ class Engine(nn.Module):
     def backward(self, loss: torch.Tensor) -> torch.Tensor:
         """Backpropagate ``loss`` (the micro-batch mean), scaled for accumulation and fp16."""
         if loss.dim() != 0:
-            raise ValueError(f"engine.backward expects a scalar loss, got shape {tuple(loss.shape)}; reduce it first (e.g. loss.mean()).")
+            raise ValueError(
+                f"engine.backward expects a scalar loss, got shape {tuple(loss.shape)}; "
+                "reduce it first (e.g. loss.mean())."
+            )
         self.partitioner.set_gradient_sync(self.is_gradient_accumulation_boundary())
         detached = loss.detach().float()
         self._window_loss = detached if self._window_loss is None else self._window_loss + detached
@@ -156,8 +159,10 @@ class Engine(nn.Module):
         )
         if self.monitors.enabled and loss is not None:
             # The loss stays a tensor: monitors read it in batches when they flush.
-            events = [("Train/Samples/train_loss", loss, self.global_samples),
-                      ("Train/Samples/lr", float(lr), self.global_samples)]
+            events = [
+                ("Train/Samples/train_loss", loss, self.global_samples),
+                ("Train/Samples/lr", float(lr), self.global_samples),
+            ]
             if self.loss_scaler.dynamic:
                 events.append(("Train/Samples/loss_scale", self.loss_scaler.scale, self.global_samples))
             self.monitors.write_events(events)
@@ -196,7 +201,9 @@ class Engine(nn.Module):
 
     # -- checkpoints ----------------------------------------------------------------
 
-    def save_checkpoint(self, save_dir: str | Path, tag: str | None = None, client_state: dict[str, Any] | None = None) -> Path:
+    def save_checkpoint(
+        self, save_dir: str | Path, tag: str | None = None, client_state: dict[str, Any] | None = None
+    ) -> Path:
         """Write a universal checkpoint; every rank must call it."""
         return save_engine_checkpoint(self, Path(save_dir), tag, client_state or {})
 

@@ -130,7 +130,6 @@ def initialize(
     callable taking param groups, or None to use the config's ``optimizer`` section.
     ``lr_scheduler`` may be a scheduler or a callable taking the optimizer.
     """
-    from ds.core.comm import init_distributed
     from ds.core.config import load_config
     from ds.core.kernels import install_kernels
     from ds.core.mesh import Mesh

@@ -62,7 +62,9 @@ def reference_run(config: dict[str, Any], steps: int) -> tuple[list[float], dict
     from ds.core.schedulers import build_scheduler
 
     # Same global batch as the distributed run it is compared with.
-    world = config["train_batch_size"] // (config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"])
+    world = config["train_batch_size"] // (
+        config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
+    )
     cfg = load_config(config, world_size=world)
     model = make_model()
     params = dict(config["optimizer"]["params"])
