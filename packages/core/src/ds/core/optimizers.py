@@ -380,6 +380,7 @@ __all__ = [
     "PILLAR_OPTIMIZERS",
     "AdamWithoutBiasCorrection",
     "OptimizerSpec",
+    "Params",
     "build_optimizer",
     "make_adagrad",
     "make_adam",

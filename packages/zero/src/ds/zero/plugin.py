@@ -15,24 +15,17 @@ Optimizers, by the names a config's ``optimizer.type`` uses (case-insensitive):
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from ds.core import hookimpl
 from ds.core.errors import ConfigError
+from ds.core.optimizers import Params, validated_params
 from ds.zero import _native
-from ds.zero.cpu_adam import CPUAdagrad, CPUAdam, ParamsT
+from ds.zero.cpu_adam import CPUAdagrad, CPUAdam
 
 
-def _reject(name: str, unknown: dict[str, Any], accepted: list[str]) -> None:
-    if unknown:
-        raise ConfigError(
-            f"optimizer.params {', '.join(sorted(unknown))} not accepted by {name}; "
-            f"accepted: {', '.join(accepted)}."
-        )
-
-
+@validated_params("optimizer 'CPUAdam'")
 def build_cpu_adam(
-    params: ParamsT,
+    params: Params,
     *,
     lr: float = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -42,23 +35,21 @@ def build_cpu_adam(
     adamw_mode: bool = True,
     amsgrad: bool = False,
     fp32_optimizer_states: bool = True,
-    **unknown: Any,
 ) -> CPUAdam:
     """CPUAdam from DeepSpeed's DeepSpeedCPUAdam parameters."""
-    _reject("CPUAdam", unknown, ["lr", "betas", "eps", "weight_decay", "bias_correction",
-                                 "adamw_mode", "amsgrad", "fp32_optimizer_states"])
     if amsgrad:
         raise ConfigError("optimizer.params.amsgrad=true is not supported by CPUAdam; set it "
                           "to false.")
     if not fp32_optimizer_states:
         raise ConfigError("optimizer.params.fp32_optimizer_states=false is not supported by "
                           "CPUAdam (states are always fp32); remove it.")
-    return CPUAdam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+    return CPUAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                    adamw_mode=adamw_mode, bias_correction=bias_correction)
 
 
+@validated_params("optimizer 'CPUAdagrad'")
 def build_cpu_adagrad(
-    params: ParamsT,
+    params: Params,
     *,
     lr: float = 1e-2,
     lr_decay: float = 0.0,
@@ -66,11 +57,8 @@ def build_cpu_adagrad(
     weight_decay: float = 0.0,
     initial_accumulator_value: float = 0.0,
     amsgrad: bool = False,
-    **unknown: Any,
 ) -> CPUAdagrad:
     """CPUAdagrad from DeepSpeed's DeepSpeedCPUAdagrad parameters (plus torch's)."""
-    _reject("CPUAdagrad", unknown, ["lr", "lr_decay", "eps", "weight_decay",
-                                    "initial_accumulator_value", "amsgrad"])
     if amsgrad:
         raise ConfigError("optimizer.params.amsgrad=true is not supported by CPUAdagrad; "
                           "set it to false.")
