@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -93,6 +94,23 @@ class AdamScalars:
         )
 
 
+def _native_buffers(param: torch.Tensor, grad: torch.Tensor,
+                    low_precision_param: torch.Tensor | None) -> tuple[ModuleType, dict[str, int]]:
+    """The loaded extension and the keyword arguments every native step takes alike.
+
+    The kernels read raw addresses, so the buffers go over as pointers plus dtype codes;
+    ``copy`` 0 tells the kernel there is no low-precision copy to write.
+    """
+    native = native_extension().module
+    assert native is not None, "resolve_isa() hands out native paths only when loaded"
+    copy_dtype = None if low_precision_param is None else low_precision_param.dtype
+    return native, {
+        "param": param.data_ptr(), "grad": grad.data_ptr(), "grad_dtype": _dtype_code(native, grad.dtype),
+        "copy": 0 if low_precision_param is None else low_precision_param.data_ptr(),
+        "copy_dtype": _dtype_code(native, copy_dtype), "numel": param.numel(),
+    }
+
+
 def _float_grad(grad: torch.Tensor, grad_multiplier: float) -> torch.Tensor:
     grad = grad if grad.dtype == torch.float32 else grad.float()
     return grad * grad_multiplier if grad_multiplier != 1.0 else grad
@@ -131,15 +149,10 @@ def adam_update_(
         if low_precision_param is not None:
             low_precision_param.copy_(param)
         return
-    native = native_extension().module
-    assert native is not None, "resolve_isa() hands out native paths only when loaded"
+    native, buffers = _native_buffers(param, grad, low_precision_param)
     native.adam_step(
-        param=param.data_ptr(), grad=grad.data_ptr(), grad_dtype=_dtype_code(native, grad.dtype),
-        exp_avg=exp_avg.data_ptr(), exp_avg_sq=exp_avg_sq.data_ptr(),
-        copy=0 if low_precision_param is None else low_precision_param.data_ptr(),
-        copy_dtype=_dtype_code(native, None if low_precision_param is None
-                               else low_precision_param.dtype),
-        numel=param.numel(), one_minus_beta1=scalars.one_minus_beta1, beta2=scalars.beta2,
+        **buffers, exp_avg=exp_avg.data_ptr(), exp_avg_sq=exp_avg_sq.data_ptr(),
+        one_minus_beta1=scalars.one_minus_beta1, beta2=scalars.beta2,
         one_minus_beta2=scalars.one_minus_beta2, eps=scalars.eps,
         step_size=scalars.step_size, bias_correction2_sqrt=scalars.bias_correction2_sqrt,
         l2_weight_decay=scalars.l2_weight_decay, param_decay=scalars.param_decay,
@@ -176,14 +189,8 @@ def adagrad_update_(
         if low_precision_param is not None:
             low_precision_param.copy_(param)
         return
-    native = native_extension().module
-    assert native is not None, "resolve_isa() hands out native paths only when loaded"
+    native, buffers = _native_buffers(param, grad, low_precision_param)
     native.adagrad_step(
-        param=param.data_ptr(), grad=grad.data_ptr(), grad_dtype=_dtype_code(native, grad.dtype),
-        sum=state_sum.data_ptr(),
-        copy=0 if low_precision_param is None else low_precision_param.data_ptr(),
-        copy_dtype=_dtype_code(native, None if low_precision_param is None
-                               else low_precision_param.dtype),
-        numel=param.numel(), clr=clr, eps=eps, weight_decay=weight_decay,
+        **buffers, sum=state_sum.data_ptr(), clr=clr, eps=eps, weight_decay=weight_decay,
         grad_multiplier=grad_multiplier, isa=isa,
     )
