@@ -71,3 +71,12 @@ def test_a_missing_extension_is_reported_not_raised() -> None:
 )
 def test_architecture_coverage(architectures: str, capability: tuple[int, int], expected: bool) -> None:
     assert covers(architectures, capability) is expected
+
+
+@needs_no_cuda
+def test_report_line_says_why_the_extension_is_unavailable() -> None:
+    from ds.kernels.cuda import plugin
+
+    problem = plugin.LIBRARY.problem("cuda")
+    assert problem is not None
+    assert plugin.ds_report_lines() == [f"ds.kernels.cuda._C: unavailable ({problem})"]

@@ -59,3 +59,13 @@ def test_fallback_results_are_the_reference(components) -> None:
         torch.testing.assert_close(torch.ops.ds.rms_norm(x, weight, 1e-6), expected)
     finally:
         reset_kernels()
+
+
+@needs_no_rocm
+def test_report_line_says_why_the_extension_is_unavailable() -> None:
+    from ds.kernels.rocm import plugin
+
+    assert plugin.ds_report_lines() == [
+        f"ds.kernels.rocm._C: unavailable ({plugin.LIBRARY.problem('cuda')})"
+    ]
+    assert "not built for HIP" in plugin.ds_report_lines()[0]

@@ -84,6 +84,20 @@ class NativeLibrary:
         """What the extension was built for, if it is loaded."""
         return None if self._module is None else dict(self._module.build_info())
 
+    def report_line(self) -> str:
+        """The extension's line in ``ds report``: why it cannot run, or what it was built for.
+
+        Both kernel packages (CUDA and ROCm) report the same way; ROCm's torch exposes its
+        GPUs as ``cuda`` devices too, so availability is asked for that device type.
+        """
+        problem = self.problem("cuda")
+        if problem is not None:
+            return f"{self.module_name}: unavailable ({problem})"
+        info = self.build_info()
+        if info is None:
+            return f"{self.module_name}: installed, loaded on first use"
+        return f"{self.module_name}: built for {info['architectures']} by {info['compiler']}"
+
 
 def covers(architectures: str, capability: tuple[int, int]) -> bool:
     """Whether a build for ``architectures`` has code a GPU of ``capability`` can run.

@@ -52,10 +52,4 @@ def ds_register_kernel_backends(register: Callable[..., None]) -> None:
 
 @hookimpl
 def ds_report_lines() -> list[str]:
-    problem = LIBRARY.problem("cuda")
-    if problem is not None:
-        return [f"{LIBRARY.module_name}: unavailable ({problem})"]
-    info = LIBRARY.build_info()
-    if info is None:
-        return [f"{LIBRARY.module_name}: installed, loaded on first use"]
-    return [f"{LIBRARY.module_name}: built for {info['architectures']} by {info['compiler']}"]
+    return [LIBRARY.report_line()]
