@@ -66,6 +66,9 @@ class DistributedTestFailure(AssertionError):
     """A rank raised; the message carries its rank and traceback."""
 
 
+PORT_ATTEMPTS = 3
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
@@ -78,13 +81,26 @@ def run_distributed(
     ``fn`` must be importable by name (a module-level function) because processes are
     spawned, not forked: a forked child would inherit the parent's torch threads and
     distributed state. Raises :class:`DistributedTestFailure` if any rank fails or the
-    run exceeds ``timeout`` seconds.
+    run exceeds ``timeout`` seconds. The rendezvous port is free when chosen but another
+    process can take it before rank 0 listens; such a run is retried on a new port.
     """
+    for attempt in range(PORT_ATTEMPTS):
+        try:
+            return _run_once(fn, world_size, args, timeout, env or {})
+        except DistributedTestFailure as failure:
+            if "EADDRINUSE" not in str(failure) or attempt == PORT_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_once(
+    fn: Callable[..., Any], world_size: int, args: tuple[Any, ...], timeout: float, env: dict[str, str]
+) -> list[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, env or {}, results), daemon=True)
+        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, env, results), daemon=True)
         for rank in range(world_size)
     ]
     for proc in procs:
