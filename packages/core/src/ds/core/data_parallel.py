@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from ds.core.partition import PartitionContext, Partitioner
+from ds.core.partition import PartitionContext, Partitioner, broadcast_module_from_first_rank
 from ds.core.state_names import (
     load_masters,
     load_optimizer_state,
@@ -59,7 +58,7 @@ class DataParallelPartitioner(Partitioner):
         self.module = context.module.to(device=context.device, dtype=precision.param_dtype)
         self._named = named_trainable_parameters(self.module)
         self._params = [p for _, p in self._named]
-        self._broadcast_from_rank0()
+        broadcast_module_from_first_rank(self._comm, self._group, self.module)
         self._reduce_dtype = precision.reduce_dtype
         self._buckets = self._build_buckets(bucket_bytes, context.device)
         self._slot = {id(p): (b, v) for b in self._buckets for p, v in zip(b.params, b.views, strict=True)}
@@ -78,13 +77,6 @@ class DataParallelPartitioner(Partitioner):
             param.register_post_accumulate_grad_hook(self._on_grad_ready)
 
     # -- construction -------------------------------------------------------------
-
-    def _broadcast_from_rank0(self) -> None:
-        if self._dp_size == 1:
-            return
-        with torch.no_grad():
-            for tensor in [*self._params, *self.module.buffers()]:
-                self._comm.broadcast(tensor.data, src=dist.get_global_rank(self._group, 0), group=self._group)
 
     def _build_buckets(self, bucket_bytes: int, device: torch.device) -> list[_Bucket]:
         # Reverse registration order approximates the order gradients become ready.

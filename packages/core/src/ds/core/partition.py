@@ -142,3 +142,21 @@ class Partitioner(ABC):
     def state_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for ``params``, ``gradients`` and ``optimizer`` state."""
         raise NotImplementedError(f"{type(self).__name__} does not report its memory")
+
+
+def broadcast_module_from_first_rank(comm: Communicator, group: ProcessGroup, module: nn.Module) -> None:
+    """Give every rank of ``group`` the first rank's parameters and buffers.
+
+    Ranks may have initialised differently (unseeded init); every partitioner starts
+    from one copy. Meta tensors are skipped: they hold no values (``ds.zero.Init`` shards,
+    equal on every rank by construction).
+    """
+    import torch.distributed as dist
+
+    if dist.get_world_size(group) == 1:
+        return
+    src = dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if not tensor.is_meta:
+                comm.broadcast(tensor.data, src=src, group=group)

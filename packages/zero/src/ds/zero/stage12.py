@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from ds.core.partition import PartitionContext, Partitioner
+from ds.core.partition import PartitionContext, Partitioner, broadcast_module_from_first_rank
 from ds.core.state_names import (
     load_masters,
     load_optimizer_state,
@@ -87,8 +87,8 @@ class ShardedOptimizerPartitioner(Partitioner):
         self._reduce_scatter, self._all_gather = zeropp.flat_group_collectives(self._comm)
         self.module = context.module.to(device=context.device, dtype=precision.param_dtype)
         named = named_trainable_parameters(self.module)
-        self._broadcast_from_rank0(named)
-        rank = self._comm_rank()
+        broadcast_module_from_first_rank(self._comm, self._group, self.module)
+        rank = dist.get_rank(self._group)
         owned_groups: dict[int, list[FlatGroup]] = {}
         self._groups: list[FlatGroup] = []
         for index, user_group in enumerate(context.param_groups or [{"params": [p for _, p in named]}]):
@@ -119,17 +119,6 @@ class ShardedOptimizerPartitioner(Partitioner):
         self.gradient_norm_group = self._group
         for _, param in named:
             param.register_post_accumulate_grad_hook(self._on_grad_ready)
-
-    def _comm_rank(self) -> int:
-        return dist.get_rank(self._group)
-
-    def _broadcast_from_rank0(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
-        if self._world == 1:
-            return
-        src = dist.get_global_rank(self._group, 0)
-        with torch.no_grad():
-            for tensor in [p for _, p in named] + list(self.module.buffers()):
-                self._comm.broadcast(tensor.data, src=src, group=self._group)
 
     # -- gradients --------------------------------------------------------------------
 

@@ -28,13 +28,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from ds.core.partition import PartitionContext, Partitioner
+from ds.core.partition import PartitionContext, Partitioner, broadcast_module_from_first_rank
 from ds.core.state_names import (
     Segment,
     load_masters,
@@ -89,7 +88,7 @@ class FullyShardedPartitioner(Partitioner):
         names_of = {id(p): n for n, p in named_trainable_parameters(module)}
         group_names = [[names_of[id(p)] for p in g["params"] if id(p) in names_of] for g in user_groups]
         init_shards = release_init_shards(module, context.mesh.submesh("dp"))  # built by ds.zero.Init
-        self._broadcast_from_rank0(module)
+        broadcast_module_from_first_rank(self._comm, self._group, module)
 
         mesh = context.mesh.submesh("dp")
         policy = MixedPrecisionPolicy(param_dtype=precision.param_dtype, reduce_dtype=precision.reduce_dtype)
@@ -114,15 +113,6 @@ class FullyShardedPartitioner(Partitioner):
         )
         self._segments = [self._segment(name, p) for name, p in self._named]
         self.gradient_norm_group = self._group
-
-    def _broadcast_from_rank0(self, module: nn.Module) -> None:
-        if dist.get_world_size(self._group) == 1:
-            return
-        src = dist.get_global_rank(self._group, 0)
-        with torch.no_grad():
-            for tensor in [*module.parameters(), *module.buffers()]:
-                if not tensor.is_meta:  # meta: ds.zero.Init's shards, equal on every rank by construction
-                    self._comm.broadcast(tensor.data, src=src, group=self._group)
 
     @staticmethod
     def _set_prefetch(units: list[nn.Module], zero: ZeroConfig) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,8 +121,6 @@ class Engine(nn.Module):
         else:
             self.skipped_steps += 1
             if not self.loss_scaler.dynamic:
-                import warnings
-
                 warnings.warn(
                     f"step {self.global_steps}: gradient norm is {norm}; the step was skipped "
                     "and no parameter changed. Lower the learning rate or enable fp16 loss "

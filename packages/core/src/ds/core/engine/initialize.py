@@ -69,7 +69,7 @@ def _optimizer_factory(
     )
 
 
-def _param_groups(model: nn.Module, model_parameters: Any, optimizer: Any) -> list[dict[str, Any]] | None:
+def _param_groups(model_parameters: Any, optimizer: Any) -> list[dict[str, Any]] | None:
     if isinstance(optimizer, torch.optim.Optimizer):
         return [{k: v for k, v in g.items()} for g in optimizer.param_groups]
     if model_parameters is None:
@@ -158,7 +158,7 @@ def initialize(
         precision=precision,
         make_optimizer=_optimizer_factory(optimizer, cfg, components),
         device=comm.device,
-        param_groups=_param_groups(model, model_parameters, optimizer),
+        param_groups=_param_groups(model_parameters, optimizer),
     )
     transforms = sorted((r.value for r in components.model_transforms), key=lambda t: t.order)
     for transform in transforms:
