@@ -39,6 +39,7 @@ core's ops.
 
 from ds.core.kernels import ops
 from ds.core.kernels.backend import REFERENCE_BACKEND, Availability, KernelBackend, TorchReferenceBackend
+from ds.core.kernels.losses import LossInputError, cross_entropy, fused_linear_cross_entropy
 from ds.core.kernels.registry import KernelOp, define_op, defined_ops, get_op
 from ds.core.kernels.selection import (
     BackendInfo,
@@ -61,11 +62,14 @@ __all__ = [
     "KernelOp",
     "KernelSelection",
     "KernelUnavailableError",
+    "LossInputError",
     "OpChoice",
     "Rejection",
     "TorchReferenceBackend",
+    "cross_entropy",
     "define_op",
     "defined_ops",
+    "fused_linear_cross_entropy",
     "get_op",
     "install_kernels",
     "installed_kernels",
