@@ -19,8 +19,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-# DeepSpeed's JIT op builder cannot parse "9.0a": name plain architectures for it.
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+# DeepSpeed's JIT op builder cannot parse "9.0a" (the image's own value): name plain architectures.
+export TORCH_CUDA_ARCH_LIST=9.0
 OUT=${OUT:-$PWD/.out/gpu}
 DEPS=/tmp/ds-gpu/deps
 SITE=/tmp/ds-gpu/site
