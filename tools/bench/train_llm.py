@@ -1,16 +1,25 @@
 """Training throughput of a Llama-style decoder under ds, FSDP2, DeepSpeed and plain torch.
 
     torchrun --nproc-per-node N tools/bench/train_llm.py --mode ds-zero3 --micro-batch 4 --out r.jsonl
+        [--model 1.3b|6.7b|13b|tiny] [--compile] [--activation-checkpointing] [--grad-accum K]
+        [--nvme-path DIR] [--device cuda|cpu]
 
 One process group per run, one mode per run (so peak memory is the mode's own). The model
-is Hugging Face's ``LlamaForCausalLM`` built from a config with random weights (about
-1.3B parameters by default: hidden 2048, 24 layers, 16 heads, SwiGLU 5504, vocabulary
-32000), sequence 2048, bf16 compute with fp32 master weights and AdamW in every mode.
-Tokens are random: the point is speed, not learning.
+is Hugging Face's ``LlamaForCausalLM`` built from a preset (``--hidden`` & co. override
+single dimensions) with random weights, bf16 compute with fp32 master weights and AdamW in
+every mode (:mod:`train_llm_modes`); tokens are random: the point is speed, not learning.
+``--device cpu`` (gloo) with ``--model tiny`` is the smoke test of the whole path.
+
+Appends one JSON line per run to ``--out``: throughput (tokens/s per GPU over all
+micro-batches of the timed steps), MFU, peak GPU memory after warm-up, peak host RSS
+summed over ranks (VmHWM: what an offload run needs from the host, construction
+included) and the host's RAM. A run that runs out of GPU memory writes a record with
+``"status": "oom"`` and exits with status 3, so a sweep knows to stop growing the batch.
 
 MFU = tokens/s per GPU x (6 x N_matmul + 12 x L x h x s) / peak bf16 dense FLOP/s, with
-N_matmul the parameters of every linear layer (the LM head included, embeddings not).
-Peak: 989 TFLOP/s for H100 SXM and H200.
+N_matmul the parameters of every linear layer (the LM head included, embeddings not);
+recomputation under activation checkpointing is not counted. Peak: 989 TFLOP/s for H100
+SXM and H200.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -25,160 +35,178 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from train_llm_model import (
+    PRESETS,
+    build_model,
+    checkpoint_layers,
+    compile_layers,
+    flops_per_token,
+    matmul_params,
+    resolve_shape,
+    total_params,
+)
+from train_llm_modes import MODES, engine_config, make_trainer
 
-MODES = ("torch", "fsdp2", "ds-zero0", "ds-zero1", "ds-zero2", "ds-zero3", "deepspeed-zero2", "deepspeed-zero3")
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+OOM_EXIT = 3
+GIB = 2**30
 
 
-def build_model(args: argparse.Namespace) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=sorted(MODES), required=True)
+    parser.add_argument("--model", choices=sorted(PRESETS), default="1.3b")
+    for dim in ("hidden", "layers", "heads", "ffn", "vocab", "seq"):
+        parser.add_argument(f"--{dim}", type=int, help=f"override the preset's {dim}")
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    parser.add_argument("--compile-backend", default="inductor", help="aot_eager checks composition without codegen")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer in backward")
+    parser.add_argument("--nvme-path", type=Path, help="folder on a fast disk for *-offload-nvme modes")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps")
+    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.device == "cpu" and MODES[args.mode].needs_deepspeed:
+        parser.error(f"--mode {args.mode} needs DeepSpeed's CUDA build; run it with --device cuda.")
+    if min(args.micro_batch, args.grad_accum, args.steps) < 1 or args.warmup < 0:
+        parser.error("--micro-batch, --grad-accum and --steps must be >= 1 and --warmup >= 0.")
+    return args
 
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        intermediate_size=args.ffn,
-        vocab_size=args.vocab,
-        max_position_embeddings=args.seq,
-        attn_implementation="sdpa",
+
+def start_process_group(device_type: str) -> torch.device:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cpu":
+        device = torch.device("cpu")
+        backend = "gloo"
+    else:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # a plain `python train_llm.py` runs as one rank
+        os.environ.setdefault("MASTER_PORT", "29511")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    return device
+
+
+def host_peak_bytes() -> int:
+    """This process's peak resident set (VmHWM), pinned host buffers included."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def host_ram_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reduce(value: float, device: torch.device, op: dist.ReduceOp.RedOpType) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return float(tensor.item())
+
+
+def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    mode = MODES[args.mode]
+    shape = resolve_shape(
+        args.model, {dim: getattr(args, dim) for dim in ("hidden", "layers", "heads", "ffn", "vocab", "seq")}
     )
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config)
-    model.config.use_cache = False
-    return model
+    config = engine_config(mode, micro_batch=args.micro_batch, grad_accum=args.grad_accum, nvme_path=args.nvme_path)
+    model = build_model(shape, mode, device, config)
+    n_params, n_matmul = total_params(model), matmul_params(model)
+    if args.activation_checkpointing:
+        checkpoint_layers(model)
+    if args.compile:
+        compile_layers(model, args.compile_backend)
+    train = make_trainer(mode, model, device, config)
 
+    generator = torch.Generator(device=device).manual_seed(1 + dist.get_rank())
+    window = [
+        torch.randint(0, shape.vocab, (args.micro_batch, shape.seq), device=device, generator=generator)
+        for _ in range(args.grad_accum)
+    ]
+    for _ in range(args.warmup):
+        train(window)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    dist.barrier()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        loss = train(window)
+    final_loss = loss.item()  # waits for the last step on every device
+    dist.barrier()
+    elapsed = _reduce(time.perf_counter() - started, device, dist.ReduceOp.MAX)
 
-def matmul_params(model: nn.Module) -> int:
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-
-
-def ds_config(stage: int, micro_batch: int) -> dict[str, Any]:
+    tokens_per_gpu = args.micro_batch * args.grad_accum * shape.seq * args.steps / elapsed
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak_flops = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    peak_gpu = (
+        _reduce(torch.cuda.max_memory_allocated(device), device, dist.ReduceOp.MAX) / GIB
+        if device.type == "cuda"
+        else None
+    )
     return {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.1}},
-        "bf16": {"enabled": True},
-        "gradient_clipping": 1.0,
-        "steps_per_print": 10**9,
-        "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
-                              "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000,
-                              "stage3_prefetch_bucket_size": 50_000_000,
-                              "stage3_param_persistence_threshold": 100_000},
+        "status": "ok",
+        "tokens_per_s_per_gpu": tokens_per_gpu,
+        "mfu": tokens_per_gpu * flops_per_token(shape, n_matmul) / peak_flops if peak_flops else None,
+        "peak_memory_gib": peak_gpu,
+        "host_peak_gib": _reduce(host_peak_bytes(), device, dist.ReduceOp.SUM) / GIB,
+        "step_s": elapsed / args.steps,
+        "final_loss": final_loss,
+        "params": n_params,
+        "matmul_params": n_matmul,
+        "gpu": name,
+        **shape.model_dump(),
     }
 
 
-def make_step(mode: str, model: nn.Module, micro_batch: int) -> tuple[Any, nn.Module]:
-    """Return ``step(tokens) -> loss`` for a mode, and the module it trains."""
-    if mode == "torch":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-        def step(tokens: torch.Tensor) -> torch.Tensor:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=tokens, labels=tokens).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss
-
-        return step, model
-    if mode == "fsdp2":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for layer in model.model.layers:
-            fully_shard(layer, mp_policy=policy)
-        fully_shard(model, mp_policy=policy, reshard_after_forward=False)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-        def step(tokens: torch.Tensor) -> torch.Tensor:
-            loss = model(input_ids=tokens, labels=tokens).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss
-
-        return step, model
-    stage = int(mode[-1])
-    if mode.startswith("ds-"):
-        import ds.core
-
-        engine, _, _, _ = ds.core.initialize(model=model, config=ds_config(stage, micro_batch))
-    else:
-        import deepspeed
-
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                               config=ds_config(stage, micro_batch))
-
-    def step(tokens: torch.Tensor) -> torch.Tensor:
-        loss = engine(input_ids=tokens, labels=tokens).loss
-        engine.backward(loss)
-        engine.step()
-        return loss
-
-    return step, engine.module
+def describe(args: argparse.Namespace) -> dict[str, Any]:
+    """What was asked for: the part of a record that exists even when the run fails."""
+    return {
+        "mode": args.mode,
+        "model": args.model,
+        "gpus": dist.get_world_size(),
+        "device": args.device,
+        "micro_batch": args.micro_batch,
+        "grad_accum": args.grad_accum,
+        "compile": args.compile,
+        "activation_checkpointing": args.activation_checkpointing,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "host_ram_gib": host_ram_bytes() / GIB,
+        "torch": torch.__version__,
+        "date": date.today().isoformat(),
+    }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=MODES, required=True)
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--ffn", type=int, default=5504)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+def write(out: Path, record: dict[str, Any]) -> None:
+    with out.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-    world = dist.get_world_size()
-    model = build_model(args)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_matmul = matmul_params(model)
-    step, _ = make_step(args.mode, model, args.micro_batch)
 
-    generator = torch.Generator(device="cuda").manual_seed(1 + dist.get_rank())
-    batches = [torch.randint(0, args.vocab, (args.micro_batch, args.seq), device="cuda", generator=generator)
-               for _ in range(4)]
-    for i in range(args.warmup):
-        step(batches[i % len(batches)])
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    dist.barrier()
-    started = time.perf_counter()
-    for i in range(args.steps):
-        loss = step(batches[i % len(batches)])
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - started
-    peak = torch.tensor(torch.cuda.max_memory_allocated(), device="cuda")
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-
-    tokens_per_gpu = args.micro_batch * args.seq * args.steps / elapsed
-    flops_per_token = 6 * n_matmul + 12 * args.layers * args.hidden * args.seq
-    name = torch.cuda.get_device_name()
-    peak_flops = next((v for k, v in PEAK_BF16.items() if k in name), float("nan"))
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = start_process_group(args.device)
+    try:
+        result = run(args, device)
+    except torch.OutOfMemoryError as error:
+        # Ranks may be stuck in a collective with this one; exiting non-zero makes torchrun stop them.
+        write(args.out, {**describe(args), "status": "oom", "rank": dist.get_rank(), "error": str(error)[:300]})
+        sys.stdout.flush()
+        os._exit(OOM_EXIT)
     if dist.get_rank() == 0:
-        record = {
-            "mode": args.mode, "gpus": world, "gpu": name, "micro_batch": args.micro_batch, "seq": args.seq,
-            "params": n_params, "matmul_params": n_matmul, "tokens_per_s_per_gpu": tokens_per_gpu,
-            "mfu": tokens_per_gpu * flops_per_token / peak_flops, "peak_memory_gib": peak.item() / 2**30,
-            "step_s": elapsed / args.steps, "final_loss": loss.item(), "torch": torch.__version__,
-            "date": date.today().isoformat(),
-        }
-        with args.out.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        print(json.dumps(record), flush=True)
+        write(args.out, {**describe(args), **result})
     dist.destroy_process_group()
 
 
