@@ -98,6 +98,38 @@ PYBIND11_MODULE(_C, m) {
           "bias_gelu_backward");
   });
 
+  m.attr("MOE_MAX_EXPERTS") = ds::kMoeMaxExperts;
+  m.attr("MOE_MAX_K") = ds::kMoeMaxK;
+  m.attr("MOE_GATING_TOKENS_PER_BLOCK") = ds::kMoeGatingTokensPerBlock;
+  m.def("moe_topk_gating", [](Ptr logits, int64_t tokens, int experts, int k, int capacity, bool normalize,
+                              int dtype, Ptr expert_index, Ptr gate_weight, Ptr position, Ptr expert_counts,
+                              Ptr mean_prob, Ptr block_counts, Ptr prob_partial, Stream s) {
+    check(ds::moe_topk_gating(logits, tokens, experts, k, capacity, normalize, dtype, expert_index, gate_weight,
+                              position, expert_counts, mean_prob, block_counts, prob_partial, s),
+          "moe_topk_gating");
+  });
+  m.def("moe_slot_sources", [](Ptr expert_index, Ptr position, int64_t assignments, int experts, int capacity,
+                               Ptr sources, Stream s) {
+    check(ds::moe_slot_sources(expert_index, position, assignments, experts, capacity, sources, s),
+          "moe_slot_sources");
+  });
+  m.def("moe_gather_rows", [](Ptr rows, Ptr sources, Ptr scale, int k, int64_t slots, int64_t hidden, Ptr out,
+                              int dtype, Stream s) {
+    check(ds::moe_gather_rows(rows, sources, scale, k, slots, hidden, out, dtype, s), "moe_gather_rows");
+  });
+  m.def("moe_combine_rows", [](Ptr buffer, Ptr expert_index, Ptr position, Ptr weight, int64_t tokens, int k,
+                               int experts, int capacity, int64_t hidden, Ptr out, int dtype, Stream s) {
+    check(ds::moe_combine_rows(buffer, expert_index, position, weight, tokens, k, experts, capacity, hidden, out,
+                               dtype, s),
+          "moe_combine_rows");
+  });
+  m.def("moe_gate_grad", [](Ptr grad_out, Ptr buffer, Ptr expert_index, Ptr position, int64_t tokens, int k,
+                            int experts, int capacity, int64_t hidden, Ptr grad_gate, int dtype, Stream s) {
+    check(ds::moe_gate_grad(grad_out, buffer, expert_index, position, tokens, k, experts, capacity, hidden,
+                            grad_gate, dtype, s),
+          "moe_gate_grad");
+  });
+
   m.def("quantize_blockwise", [](Ptr x, Ptr codes, Ptr scales, Ptr offsets, int64_t numel, int group_size,
                                  int bits, bool symmetric, int dtype, Stream s) {
     check(ds::quantize_blockwise(x, codes, scales, offsets, numel, group_size, bits, symmetric, dtype, s),

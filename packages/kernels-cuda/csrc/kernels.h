@@ -74,6 +74,40 @@ const char* bias_gelu_backward(Ptr dy, Ptr x, Ptr bias, Ptr dx, Ptr dbias_partia
                                std::int64_t rows, std::int64_t hidden, int num_partials,
                                bool tanh_approx, int dtype, std::uintptr_t stream);
 
+// ---- mixture of experts (moe.cu) -------------------------------------------------------
+// Index tensors are int32 [tokens, k] (k choices per token); a choice is kept when its expert
+// is in [0, experts) and its position in [0, capacity); buffer row = expert * capacity + position.
+constexpr int kMoeMaxExperts = 256;
+constexpr int kMoeMaxK = 8;
+constexpr int kMoeGatingTokensPerBlock = 64;
+
+// Softmax over `experts` logits per token and its top k (ties to the lower expert index),
+// with positions counted choice-major then token-major; -1 at or beyond capacity. Outputs:
+// expert_index, position (int32 [tokens, k]), gate_weight (float32 [tokens, k], renormalised
+// over the k when `normalize`), expert_counts (int32 [experts], before dropping), mean_prob
+// (float32 [experts]). Workspaces: block_counts int32 [blocks, k, experts] and prob_partial
+// float32 [blocks, experts], blocks = ceil(tokens / kMoeGatingTokensPerBlock).
+const char* moe_topk_gating(Ptr logits, std::int64_t tokens, int experts, int k, int capacity,
+                            bool normalize, int dtype, Ptr expert_index, Ptr gate_weight, Ptr position,
+                            Ptr expert_counts, Ptr mean_prob, Ptr block_counts, Ptr prob_partial,
+                            std::uintptr_t stream);
+// sources[row] = token * k + j for the choice that takes each buffer row; the caller fills
+// sources (int32 [experts * capacity]) with -1 first.
+const char* moe_slot_sources(Ptr expert_index, Ptr position, std::int64_t assignments, int experts,
+                             int capacity, Ptr sources, std::uintptr_t stream);
+// out[row] = scale[source] * rows[source / k] (a bit-exact copy when scale is 0), zero where
+// sources[row] < 0; rows, out [*, hidden] of one dtype, scale float32 [tokens * k].
+const char* moe_gather_rows(Ptr rows, Ptr sources, Ptr scale, int k, std::int64_t slots,
+                            std::int64_t hidden, Ptr out, int dtype, std::uintptr_t stream);
+// out[t] = sum over kept j of weight[t, j] * buffer[row(t, j)] in float32 (weight 0: all ones).
+const char* moe_combine_rows(Ptr buffer, Ptr expert_index, Ptr position, Ptr weight, std::int64_t tokens,
+                             int k, int experts, int capacity, std::int64_t hidden, Ptr out, int dtype,
+                             std::uintptr_t stream);
+// grad_gate[t, j] = <grad_out[t], buffer[row(t, j)]> (float32), zero for a dropped choice.
+const char* moe_gate_grad(Ptr grad_out, Ptr buffer, Ptr expert_index, Ptr position, std::int64_t tokens,
+                          int k, int experts, int capacity, std::int64_t hidden, Ptr grad_gate, int dtype,
+                          std::uintptr_t stream);
+
 // ---- block-wise quantisation ------------------------------------------------------------
 // Groups of `group_size` consecutive elements (32, 64, 128 or 256; the last group may be
 // short) share one float32 scale (and, when asymmetric, one float32 offset = group min).

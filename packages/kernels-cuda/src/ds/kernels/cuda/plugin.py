@@ -7,7 +7,9 @@ Installing the package is all it takes: its entry point ``kernels-cuda`` in the 
   backward), ``adam_step``, ``swiglu``, ``bias_gelu`` and the block-wise quantizers;
 * the ops ``swiglu``, ``bias_gelu``, ``quantize_blockwise`` and ``dequantize_blockwise``
   with their torch references (:mod:`ds.kernels.cuda.opdefs`), so they fall back to torch
-  wherever the kernels cannot run.
+  wherever the kernels cannot run;
+* the mixture-of-experts routing ops ``topk_gating``, ``moe_permute`` and ``moe_unpermute``
+  (:mod:`ds.kernels.cuda.opdefs_moe`), likewise.
 
 Nothing here imports the compiled extension: ``ds report`` and the CPU tests work on any
 machine, and a GPU without a matching build gets the reason instead of an error::
@@ -26,6 +28,7 @@ from ds.core import hookimpl
 from ._native import NativeLibrary
 from .backend import NativeBackend
 from .opdefs import define_ops
+from .opdefs_moe import define_ops as define_moe_ops
 
 BACKEND_NAME = "cuda-native"
 
@@ -43,6 +46,7 @@ LIBRARY = NativeLibrary(
 @hookimpl
 def ds_define_kernel_ops(define: Callable[..., None]) -> None:
     define_ops(define)
+    define_moe_ops(define)
 
 
 @hookimpl
