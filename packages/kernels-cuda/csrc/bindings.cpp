@@ -140,4 +140,12 @@ PYBIND11_MODULE(_C, m) {
     check(ds::dequantize_blockwise(codes, scales, offsets, y, numel, group_size, bits, symmetric, dtype, s),
           "dequantize_blockwise");
   });
+
+  m.def("cross_entropy_fwd_bwd", [](Ptr logits, int64_t row_stride, Ptr target, Ptr loss, Ptr lse, int64_t rows,
+                                    int64_t vocab, int64_t ignore_index, float label_smoothing, float grad_scale,
+                                    int dtype, Stream s) {
+    check(ds::cross_entropy_fwd_bwd(logits, row_stride, target, loss, lse, rows, vocab, ignore_index,
+                                    label_smoothing, grad_scale, dtype, s),
+          "cross_entropy_fwd_bwd");
+  });
 }

@@ -124,4 +124,15 @@ const char* dequantize_blockwise(Ptr codes, Ptr scales, Ptr offsets, Ptr y, std:
                                  int group_size, int bits, bool symmetric, int dtype,
                                  std::uintptr_t stream);
 
+// ---- losses -----------------------------------------------------------------------------
+// Cross-entropy of each row of `logits` ([rows, vocab], row r at logits + r * row_stride
+// elements, unit column stride) against int64 `target`, with s = label_smoothing:
+//   loss[r] = lse[r] - (1 - s) x[r, t] - s / vocab * sum_j x[r, j]   (float32, as is lse)
+// and the row overwritten in place with grad_scale * (softmax(x) - (1 - s) onehot(t) - s / vocab).
+// A row whose target is ignore_index gets loss 0 and zeros; a target outside [0, vocab)
+// gets a NaN loss and a NaN row. lse is written for every row.
+const char* cross_entropy_fwd_bwd(Ptr logits, std::int64_t row_stride, Ptr target, Ptr loss, Ptr lse,
+                                  std::int64_t rows, std::int64_t vocab, std::int64_t ignore_index,
+                                  float label_smoothing, float grad_scale, int dtype, std::uintptr_t stream);
+
 }  // namespace ds

@@ -15,7 +15,7 @@ from typing import Any
 
 from ds.core.kernels import Availability
 
-from . import launch_activations, launch_adam, launch_moe, launch_norms, launch_quantize
+from . import launch_activations, launch_adam, launch_loss, launch_moe, launch_norms, launch_quantize
 from ._native import NativeLibrary
 
 LAUNCHERS: dict[str, Callable[..., Any]] = {
@@ -30,6 +30,7 @@ LAUNCHERS: dict[str, Callable[..., Any]] = {
     "bias_gelu_backward": launch_activations.bias_gelu_backward,
     "quantize_blockwise": launch_quantize.quantize_blockwise,
     "dequantize_blockwise": launch_quantize.dequantize_blockwise,
+    "cross_entropy_fwd_bwd": launch_loss.cross_entropy_fwd_bwd,
     "topk_gating": launch_moe.topk_gating,
     "moe_permute": launch_moe.moe_permute,
     "moe_permute_backward": launch_moe.moe_permute_backward,

@@ -4,7 +4,8 @@ Installing the package is all it takes: its entry point ``kernels-cuda`` in the 
 ``ds.plugins`` registers
 
 * the backend ``cuda-native`` (priority 100) for ``rms_norm``, ``layer_norm`` (forward and
-  backward), ``adam_step``, ``swiglu``, ``bias_gelu`` and the block-wise quantizers;
+  backward), ``adam_step``, ``swiglu``, ``bias_gelu``, the block-wise quantizers and
+  ``cross_entropy_fwd_bwd`` (behind core's ``cross_entropy`` and ``fused_linear_cross_entropy``);
 * the ops ``swiglu``, ``bias_gelu``, ``quantize_blockwise`` and ``dequantize_blockwise``
   with their torch references (:mod:`ds.kernels.cuda.opdefs`), so they fall back to torch
   wherever the kernels cannot run;
