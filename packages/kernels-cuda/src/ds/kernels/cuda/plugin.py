@@ -9,6 +9,10 @@ Installing the package is all it takes: its entry point ``kernels-cuda`` in the 
 * the ops ``swiglu``, ``bias_gelu``, ``quantize_blockwise`` and ``dequantize_blockwise``
   with their torch references (:mod:`ds.kernels.cuda.opdefs`), so they fall back to torch
   wherever the kernels cannot run;
+* the backend ``cuda-triton`` (priority 90, needs triton) for the norms, the block-wise
+  quantizers and ``woq_matmul``, the weight-only int8/int4 matmul it defines
+  (:mod:`ds.kernels.cuda.triton_kernels`); where both backends run an op, core times them
+  and keeps the faster;
 * the mixture-of-experts routing ops ``topk_gating``, ``moe_permute`` and ``moe_unpermute``
   (:mod:`ds.kernels.cuda.opdefs_moe`), likewise.
 
@@ -30,6 +34,8 @@ from ._native import NativeLibrary
 from .backend import NativeBackend
 from .opdefs import define_ops
 from .opdefs_moe import define_ops as define_moe_ops
+from .triton_kernels.backend import TritonBackend
+from .triton_kernels.opdefs import define_ops as define_woq_ops
 
 BACKEND_NAME = "cuda-native"
 
@@ -48,11 +54,13 @@ LIBRARY = NativeLibrary(
 def ds_define_kernel_ops(define: Callable[..., None]) -> None:
     define_ops(define)
     define_moe_ops(define)
+    define_woq_ops(define)
 
 
 @hookimpl
 def ds_register_kernel_backends(register: Callable[..., None]) -> None:
     register(NativeBackend(BACKEND_NAME, LIBRARY))
+    register(TritonBackend("cuda-triton", runtime="cuda", install_hint="pip install 'ds-kernels-cuda[triton]'"))
 
 
 @hookimpl
