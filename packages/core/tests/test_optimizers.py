@@ -44,7 +44,7 @@ def build(type_: str, **params: Any) -> torch.optim.Optimizer:
 
 def test_registers_torch_optimizers_under_case_insensitive_names() -> None:
     registry = core_components().optimizers
-    assert sorted(registry.names()) == ["Adagrad", "Adam", "AdamW", "RMSprop", "SGD"]
+    assert sorted(registry.names()) == ["Adagrad", "Adam", "AdamW", "Lamb", "RMSprop", "SGD"]
     for spelling, cls in [("adam", torch.optim.AdamW), ("ADAMW", torch.optim.AdamW), ("sgd", torch.optim.SGD),
                           ("adagrad", torch.optim.Adagrad), ("rmsprop", torch.optim.RMSprop)]:
         assert type(build(spelling)) is cls
@@ -142,13 +142,13 @@ def test_adamw_refuses_adam_w_mode_false() -> None:
 
 def test_unknown_type_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match=r"'Adamm' is unknown\. Did you mean 'Adam'\? "
-                                          r"Known optimizers: Adagrad, Adam, AdamW, RMSprop, SGD\."):
+                                          r"Known optimizers: Adagrad, Adam, AdamW, Lamb, RMSprop, SGD\."):
         build("Adamm")
 
 
 @pytest.mark.parametrize(
     ("type_", "command"),
-    [("OneBitAdam", 'pip install "ds-core[cuda]"'), ("lamb", 'pip install "ds-core[cuda]"'),
+    [("OneBitAdam", 'pip install "ds-core[cuda]"'),
      ("ZeroOneAdam", 'pip install "ds-core[cuda]"'), ("DeepSpeedCPUAdam", 'pip install "ds-core[zero]"'),
      ("CPUAdam", 'pip install "ds-core[zero]"')],
 )

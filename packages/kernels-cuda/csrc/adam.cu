@@ -7,23 +7,13 @@
 // the step moves the minimum number of bytes.
 #include "dtypes.h"
 #include "kernels.h"
+#include "multi_tensor.h"
 
 namespace ds {
 namespace {
 
 constexpr int kAdamThreads = 256;
 constexpr int kAdamVec = 4;
-
-__device__ __forceinline__ std::int64_t find_tensor(const std::int64_t* table,
-                                                    std::int64_t num_tensors,
-                                                    std::int64_t chunk) {
-  std::int64_t lo = 0, hi = num_tensors - 1;
-  while (lo < hi) {  // last row whose first_chunk <= chunk
-    const std::int64_t mid = (lo + hi + 1) / 2;
-    if (table[mid * kAdamTableColumns + 6] <= chunk) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
 
 template <int N>
 __device__ __forceinline__ void adam_update(float (&p)[N], float (&g)[N], float (&m)[N],

@@ -60,6 +60,21 @@ PYBIND11_MODULE(_C, m) {
                 "adam_step");
         });
 
+  m.def("lamb_step",
+        [](Ptr table, Ptr workspace, int64_t num_tensors, int64_t total_chunks, int param_dtype, int grad_dtype,
+           int copy_dtype, bool vectorized, double beta1, double beta2, double eps, double weight_decay,
+           double step_size, double max_coeff, double min_coeff, bool eps_inside_sqrt, Stream stream) {
+          const ds::LambHyper hyper{static_cast<float>(beta1), static_cast<float>(beta2),
+                                    static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
+                                    static_cast<float>(eps), static_cast<float>(weight_decay),
+                                    static_cast<float>(step_size), static_cast<float>(max_coeff),
+                                    static_cast<float>(min_coeff), eps_inside_sqrt};
+          check(ds::lamb_step(table, workspace, num_tensors, total_chunks, param_dtype, grad_dtype, copy_dtype,
+                              vectorized, hyper, stream),
+                "lamb_step");
+        });
+  m.def("lamb_workspace_floats", &ds::lamb_workspace_floats);
+
   m.def("norm_forward", [](Ptr x, Ptr w, Ptr b, Ptr y, Ptr mean, Ptr rstd, int64_t rows,
                            int64_t hidden, float eps, bool rms, int x_dtype, int w_dtype, Stream s) {
     check(ds::norm_forward(x, w, b, y, mean, rstd, rows, hidden, eps, rms, x_dtype, w_dtype, s), "norm_forward");
@@ -147,5 +162,15 @@ PYBIND11_MODULE(_C, m) {
     check(ds::cross_entropy_fwd_bwd(logits, row_stride, target, loss, lse, rows, vocab, ignore_index,
                                     label_smoothing, grad_scale, dtype, s),
           "cross_entropy_fwd_bwd");
+  });
+
+  m.def("fp8_compiled", &ds::fp8_compiled);
+  m.def("quantize_fp8", [](Ptr x, Ptr codes, Ptr scales, int64_t numel, int group_size, int fp8_format, int dtype,
+                           Stream s) {
+    check(ds::quantize_fp8(x, codes, scales, numel, group_size, fp8_format, dtype, s), "quantize_fp8");
+  });
+  m.def("dequantize_fp8", [](Ptr codes, Ptr scales, Ptr y, int64_t numel, int group_size, int fp8_format, int dtype,
+                             Stream s) {
+    check(ds::dequantize_fp8(codes, scales, y, numel, group_size, fp8_format, dtype, s), "dequantize_fp8");
   });
 }

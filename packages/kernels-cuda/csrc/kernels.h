@@ -32,6 +32,26 @@ const char* adam_step(Ptr tensor_table, std::int64_t num_tensors, std::int64_t t
                       int param_dtype, int grad_dtype, int copy_dtype, bool vectorized,
                       const AdamHyper& hyper, std::uintptr_t stream);
 
+// LAMB (DeepSpeed FusedLamb's meaning) over the same table as Adam. `workspace` is a float32
+// device array of lamb_workspace_floats(num_tensors, total_chunks) elements, zero before the
+// first call; the kernels leave it ready for the next call. Two launches: moments and
+// per-tensor norms (the last block of each tensor turns them into its trust ratio), then
+// the update scaled by step_size * trust ratio. No host synchronisation.
+struct LambHyper {
+  float beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay;
+  float step_size;             // lr * sqrt(1 - beta2^step) / (1 - beta1^step), or lr
+  float max_coeff, min_coeff;  // the trust ratio is clamped to max_coeff, then to >= min_coeff
+  bool eps_inside_sqrt;        // sqrt(v + eps) instead of sqrt(v) + eps
+};
+
+constexpr std::int64_t lamb_workspace_floats(std::int64_t num_tensors, std::int64_t total_chunks) {
+  return 2 * total_chunks + 2 * num_tensors;  // per-chunk sums, trust ratios, arrival counters
+}
+
+const char* lamb_step(Ptr tensor_table, Ptr workspace, std::int64_t num_tensors,
+                      std::int64_t total_chunks, int param_dtype, int grad_dtype, int copy_dtype,
+                      bool vectorized, const LambHyper& hyper, std::uintptr_t stream);
+
 // ---- normalisation ----------------------------------------------------------------------
 // y = norm(x) * weight (+ bias) over the last dimension; LayerNorm when `rms` is false.
 // mean/rstd (float32, one per row) are written when non-zero.
@@ -123,6 +143,29 @@ const char* quantize_blockwise(Ptr x, Ptr codes, Ptr scales, Ptr offsets, std::i
 const char* dequantize_blockwise(Ptr codes, Ptr scales, Ptr offsets, Ptr y, std::int64_t numel,
                                  int group_size, int bits, bool symmetric, int dtype,
                                  std::uintptr_t stream);
+
+// ---- losses -----------------------------------------------------------------------------
+// Cross-entropy of each row of `logits` ([rows, vocab], row r at logits + r * row_stride
+// elements, unit column stride) against int64 `target`, with s = label_smoothing:
+//   loss[r] = lse[r] - (1 - s) x[r, t] - s / vocab * sum_j x[r, j]   (float32, as is lse)
+// and the row overwritten in place with grad_scale * (softmax(x) - (1 - s) onehot(t) - s / vocab).
+// A row whose target is ignore_index gets loss 0 and zeros; a target outside [0, vocab)
+// gets a NaN loss and a NaN row. lse is written for every row.
+const char* cross_entropy_fwd_bwd(Ptr logits, std::int64_t row_stride, Ptr target, Ptr loss, Ptr lse,
+                                  std::int64_t rows, std::int64_t vocab, std::int64_t ignore_index,
+                                  float label_smoothing, float grad_scale, int dtype, std::uintptr_t stream);
+
+// ---- fp8 block quantisation ------------------------------------------------------------
+// Groups of `group_size` consecutive elements (32, 64, 128 or 256; the last may be short)
+// share one float32 scale = amax / fp8_max (448 for e4m3, 57344 for e5m2); codes are
+// x * (1 / scale) rounded to nearest even with saturation to +-fp8_max; a zero scale gives
+// zero codes. fp8_format: 0 = e4m3 (OCP "fn", no infinities), 1 = e5m2. Compiled for CUDA
+// only; under HIP both return an error (fp8_compiled() says which).
+bool fp8_compiled();
+const char* quantize_fp8(Ptr x, Ptr codes, Ptr scales, std::int64_t numel, int group_size,
+                         int fp8_format, int dtype, std::uintptr_t stream);
+const char* dequantize_fp8(Ptr codes, Ptr scales, Ptr y, std::int64_t numel, int group_size,
+                           int fp8_format, int dtype, std::uintptr_t stream);
 
 // ---- losses -----------------------------------------------------------------------------
 // Cross-entropy of each row of `logits` ([rows, vocab], row r at logits + r * row_stride

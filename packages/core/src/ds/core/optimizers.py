@@ -1,20 +1,26 @@
-"""torch's optimizers under DeepSpeed's config names, and building one from a config.
+"""torch's optimizers and LAMB under DeepSpeed's config names, and building one from a config.
 
 A DeepSpeed config names an optimizer and its keyword arguments::
 
     "optimizer": {"type": "Adam", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.1}}
 
-Core registers torch's implementations (``Adam``, ``AdamW``, ``SGD``, ``Adagrad``,
-``RMSprop``) through the ``ds_register_optimizers`` hook; pillars add theirs (ds-zero: CPU
-Adam, ds-kernels-cuda: LAMB and the 1-bit optimizers). Names compare case-insensitively.
+Core registers ``Adam``, ``AdamW``, ``Lamb``, ``SGD``, ``Adagrad`` and ``RMSprop`` through
+the ``ds_register_optimizers`` hook; pillars add theirs (ds-zero: CPU Adam, ds-kernels-cuda:
+the 1-bit optimizers). Names compare case-insensitively.
 
 DeepSpeed's Adam differs from ``torch.optim.Adam`` in ways that change training results,
 and ds keeps DeepSpeed's meaning so existing configs train the same:
 
 * ``"type": "Adam"`` decouples weight decay (AdamW) unless ``adam_w_mode`` is false;
 * ``bias_correction: false`` turns Adam's bias correction off (BERT-style recipes rely on it);
-* ``torch_adam: false`` (the default) asks for a fused kernel: torch's fused Adam when every
-  parameter is on CUDA; ``true`` asks for torch's default implementation.
+* ``torch_adam: false`` (the default) asks for a fused kernel: when every parameter is on
+  CUDA, :class:`~ds.core.optimizer_classes.FusedAdam` steps them all through
+  ``torch.ops.ds.adam_step`` (ds-kernels-cuda's multi-tensor kernel where installed, the op's
+  torch reference elsewhere); ``true``, ``amsgrad`` or CPU parameters (ZeRO-Offload's masters,
+  which ds-zero hands to CPU Adam) get torch's implementation, the same arithmetic.
+
+``Lamb`` is :class:`~ds.core.optimizer_classes.FusedLamb` on every device, through
+``torch.ops.ds.lamb_step``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pydantic import ConfigDict, SkipValidation, ValidationError, validate_call
 from torch.optim import Optimizer
 
 from ds.core.errors import ConfigError, MissingPillarError, PluginError
+from ds.core.optimizer_classes import AdamWithoutBiasCorrection, FusedAdam, FusedLamb
 
 if TYPE_CHECKING:
     from ds.core.plugins import Registry
@@ -45,8 +52,6 @@ PILLAR_OPTIMIZERS: dict[str, tuple[str, str]] = {
     "onebitadam": ("ds-kernels-cuda", "cuda"),
     "onebitlamb": ("ds-kernels-cuda", "cuda"),
     "zerooneadam": ("ds-kernels-cuda", "cuda"),
-    "lamb": ("ds-kernels-cuda", "cuda"),
-    "fusedlamb": ("ds-kernels-cuda", "cuda"),
     "cpuadam": ("ds-zero", "zero"),
     "deepspeedcpuadam": ("ds-zero", "zero"),
 }
@@ -112,75 +117,6 @@ def _invalid_message(description: str, exc: ValidationError) -> str:
 
 
 # -------------------------------------------------------------------------------------
-# Adam without bias correction
-# -------------------------------------------------------------------------------------
-
-
-class AdamWithoutBiasCorrection(Optimizer):
-    """Adam that does not divide the moments by ``1 - beta**t`` (``bias_correction: false``).
-
-    torch's Adam always corrects; recipes tuned on DeepSpeed's FusedAdam with correction
-    off only reproduce without it. ``decoupled_weight_decay`` picks AdamW's decay
-    (``p -= lr * wd * p``) over L2 regularisation (``grad += wd * p``), as DeepSpeed's
-    ``adam_w_mode`` does.
-    """
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        *,
-        lr: float,
-        betas: tuple[float, float],
-        eps: float,
-        weight_decay: float,
-        amsgrad: bool,
-        decoupled_weight_decay: bool,
-    ) -> None:
-        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-        if not all(0.0 <= beta < 1.0 for beta in betas):
-            raise ValueError(f"betas must lie in [0, 1), got {betas}")
-        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
-                    "amsgrad": amsgrad, "decoupled_weight_decay": decoupled_weight_decay}
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad = param.grad
-                state = self.state[param]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                if decay:
-                    if group["decoupled_weight_decay"]:
-                        param.mul_(1 - lr * decay)
-                    else:
-                        grad = grad.add(param, alpha=decay)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                if group["amsgrad"]:
-                    torch.maximum(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
-                    denom = state["max_exp_avg_sq"].sqrt().add_(eps)
-                else:
-                    denom = exp_avg_sq.sqrt().add_(eps)
-                param.addcdiv_(exp_avg, denom, value=-lr)
-        return loss
-
-
-# -------------------------------------------------------------------------------------
 # factories, under DeepSpeed's names
 # -------------------------------------------------------------------------------------
 
@@ -212,13 +148,15 @@ def _adam(
     bias_correction: bool,
     torch_adam: bool,
 ) -> Optimizer:
+    params = _materialize(params)
+    if not torch_adam and not amsgrad and _all_on_cuda(params):
+        return FusedAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         bias_correction=bias_correction, decoupled_weight_decay=decoupled)
     if not bias_correction:
         return AdamWithoutBiasCorrection(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                          amsgrad=amsgrad, decoupled_weight_decay=decoupled)
-    params = _materialize(params)
-    fused = True if not torch_adam and _all_on_cuda(params) else None
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
-    return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, fused=fused)
+    return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
 
 
 @validated_params("optimizer 'Adam'")
@@ -265,6 +203,39 @@ def make_adamw(
         )
     return _adam(params, decoupled=True, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                  amsgrad=amsgrad, bias_correction=bias_correction, torch_adam=torch_adam)
+
+
+@validated_params("optimizer 'Lamb'")
+def make_lamb(
+    params: Params,
+    *,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    bias_correction: bool = True,
+    max_coeff: float = 10.0,
+    min_coeff: float = 0.01,
+    eps_inside_sqrt: bool = False,
+    max_grad_norm: float = 0.0,
+    amsgrad: bool = False,
+) -> Optimizer:
+    """DeepSpeed's ``Lamb`` (FusedLamb): per-tensor trust ratio ``||w|| / ||update||`` in ``[min_coeff, max_coeff]``.
+
+    DeepSpeed accepts ``max_grad_norm`` but its engine never passes the norms it would
+    clip by, so the option does nothing there; ds refuses a positive value rather than
+    pretend, and points at the engine's clipping. ``amsgrad`` is refused as in DeepSpeed.
+    """
+    if max_grad_norm > 0:
+        raise ConfigError(
+            "optimizer 'Lamb': max_grad_norm is not applied by the optimizer (DeepSpeed ignores it too); "
+            "set the top-level \"gradient_clipping\" instead and drop max_grad_norm."
+        )
+    if amsgrad:
+        raise ConfigError("optimizer 'Lamb': LAMB has no AMSGrad variant; drop amsgrad or use \"type\": \"Adam\".")
+    return FusedLamb(_materialize(params), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                     bias_correction=bias_correction, max_coeff=max_coeff, min_coeff=min_coeff,
+                     eps_inside_sqrt=eps_inside_sqrt)
 
 
 @validated_params("optimizer 'SGD'")
@@ -314,9 +285,10 @@ def make_rmsprop(
 
 
 def register_torch_optimizers(register: Callable[..., None]) -> None:
-    """Register torch's optimizers; core's ``ds_register_optimizers`` calls this."""
+    """Register core's optimizers (torch's and LAMB); core's ``ds_register_optimizers`` calls this."""
     register("Adam", make_adam)
     register("AdamW", make_adamw)
+    register("Lamb", make_lamb)
     register("SGD", make_sgd)
     register("Adagrad", make_adagrad)
     register("RMSprop", make_rmsprop)
@@ -379,12 +351,15 @@ def build_optimizer(
 __all__ = [
     "PILLAR_OPTIMIZERS",
     "AdamWithoutBiasCorrection",
+    "FusedAdam",
+    "FusedLamb",
     "OptimizerSpec",
     "Params",
     "build_optimizer",
     "make_adagrad",
     "make_adam",
     "make_adamw",
+    "make_lamb",
     "make_rmsprop",
     "make_sgd",
     "register_torch_optimizers",

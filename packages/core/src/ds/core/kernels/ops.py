@@ -22,14 +22,19 @@ _softmax = define_op("softmax", reference.softmax, backward=reference.softmax_ba
 _adam_step = define_op(
     "adam_step", reference.adam_step, mutates_args=("params", "exp_avgs", "exp_avg_sqs", "low_precision_params")
 )
+_lamb_step = define_op(
+    "lamb_step", reference.lamb_step, mutates_args=("params", "exp_avgs", "exp_avg_sqs", "low_precision_params")
+)
 
 rms_norm = _rms_norm.custom_op
 layer_norm = _layer_norm.custom_op
 softmax = _softmax.custom_op
 adam_step = _adam_step.custom_op
+lamb_step = _lamb_step.custom_op
 
 CORE_OPS: tuple[str, ...] = (
-    "rms_norm", "rms_norm_backward", "layer_norm", "layer_norm_backward", "softmax", "softmax_backward", "adam_step"
+    "rms_norm", "rms_norm_backward", "layer_norm", "layer_norm_backward", "softmax", "softmax_backward", "adam_step",
+    "lamb_step",
 )
 
-__all__ = ["CORE_OPS", "adam_step", "layer_norm", "rms_norm", "softmax"]
+__all__ = ["CORE_OPS", "adam_step", "lamb_step", "layer_norm", "rms_norm", "softmax"]

@@ -106,6 +106,20 @@ def softmax_backward(grad_output: Tensor, output: Tensor, dim: int = -1) -> Tens
     return (y * (grad - (grad * y).sum(dim, keepdim=True))).to(output.dtype)
 
 
+def _check_optimizer_lists(op: str, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                           exp_avg_sqs: list[Tensor], low_precision_params: list[Tensor], step: int) -> None:
+    """The list lengths and step count every multi-tensor optimizer op needs."""
+    count = len(params)
+    for name, tensors in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
+        if len(tensors) != count:
+            raise ValueError(f"{op} got {count} params but {len(tensors)} {name}; pass one per param")
+    if len(low_precision_params) not in (0, count):
+        raise ValueError(f"{op} got {count} params but {len(low_precision_params)} low_precision_params; "
+                         "pass one per param, or an empty list")
+    if step < 1:
+        raise ValueError(f"{op} step must count from 1, got {step}")
+
+
 def adam_step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -130,16 +144,8 @@ def adam_step(
     the matching tensor (for example the bf16 weights the model computes with), which a
     fused kernel does in the same pass.
     """
-    count = len(params)
-    for name, tensors in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
-        if len(tensors) != count:
-            raise ValueError(f"adam_step got {count} params but {len(tensors)} {name}; pass one per param")
-    if len(low_precision_params) not in (0, count):
-        raise ValueError(f"adam_step got {count} params but {len(low_precision_params)} low_precision_params; "
-                         "pass one per param, or an empty list")
-    if step < 1:
-        raise ValueError(f"adam_step step must count from 1, got {step}")
-    if count == 0:
+    _check_optimizer_lists("adam_step", params, grads, exp_avgs, exp_avg_sqs, low_precision_params, step)
+    if not params:
         return
     updates: list[Tensor] | tuple[Tensor, ...] = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
     if weight_decay != 0.0:
@@ -156,5 +162,67 @@ def adam_step(
     torch._foreach_div_(denominators, correction2_sqrt)
     torch._foreach_add_(denominators, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denominators, -lr / correction1)
+    for low, param in zip(low_precision_params, params):
+        low.copy_(param)
+
+
+def lamb_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    low_precision_params: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    bias_correction: bool,
+    max_coeff: float,
+    min_coeff: float,
+    eps_inside_sqrt: bool,
+) -> None:
+    """One LAMB update of many tensors in place, with DeepSpeed FusedLamb's exact meaning.
+
+    Per tensor: the moments advance as in Adam; ``update = m / (sqrt(v) + eps) +
+    weight_decay * param`` (``sqrt(v + eps)`` when ``eps_inside_sqrt``) from the moments
+    *without* bias correction; the trust ratio ``||param|| / ||update||`` is clamped to
+    ``max_coeff`` and then to at least ``min_coeff`` (1 when either norm is zero); and
+    ``param -= step_size * ratio * update`` with ``step_size = lr * sqrt(1 - beta2**step)
+    / (1 - beta1**step)`` (``lr`` without bias correction). Recipes tuned on DeepSpeed only
+    reproduce with this placement of eps and of the correction. Arithmetic runs in at
+    least float32 whatever the storage dtypes; ``low_precision_params`` get the result as
+    in :func:`adam_step`.
+    """
+    _check_optimizer_lists("lamb_step", params, grads, exp_avgs, exp_avg_sqs, low_precision_params, step)
+    if not params:
+        return
+    stored = [*params, *exp_avgs, *exp_avg_sqs]
+    computed = [_compute(t) for t in stored]
+    count = len(params)
+    masters, moments, squares = computed[:count], computed[count:2 * count], computed[2 * count:]
+    updates = [g.to(m.dtype) for g, m in zip(grads, moments)]
+    torch._foreach_lerp_(moments, updates, 1.0 - beta1)
+    torch._foreach_mul_(squares, beta2)
+    torch._foreach_addcmul_(squares, updates, updates, 1.0 - beta2)
+    if eps_inside_sqrt:
+        denominators = torch._foreach_sqrt(torch._foreach_add(squares, eps))
+    else:
+        denominators = torch._foreach_add(torch._foreach_sqrt(squares), eps)
+    updates = torch._foreach_div(moments, denominators)
+    if weight_decay != 0.0:
+        torch._foreach_add_(updates, masters, alpha=weight_decay)
+    weight_norms = torch.stack(torch._foreach_norm(masters))
+    update_norms = torch.stack(torch._foreach_norm(updates))
+    ratios = (weight_norms / update_norms).clamp(max=max_coeff).clamp(min=min_coeff)
+    ratios = torch.where((weight_norms > 0) & (update_norms > 0), ratios, torch.ones_like(ratios))
+    step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step) if bias_correction else lr
+    torch._foreach_mul_(updates, list((ratios * -step_size).unbind()))
+    torch._foreach_add_(masters, updates)
+    for original, result in zip(stored, computed):
+        if result is not original:
+            original.copy_(result)
     for low, param in zip(low_precision_params, params):
         low.copy_(param)

@@ -15,7 +15,16 @@ from typing import Any
 
 from ds.core.kernels import Availability
 
-from . import launch_activations, launch_adam, launch_loss, launch_moe, launch_norms, launch_quantize
+from . import (
+    launch_activations,
+    launch_adam,
+    launch_fp8,
+    launch_lamb,
+    launch_loss,
+    launch_moe,
+    launch_norms,
+    launch_quantize,
+)
 from ._native import NativeLibrary
 
 LAUNCHERS: dict[str, Callable[..., Any]] = {
@@ -24,12 +33,15 @@ LAUNCHERS: dict[str, Callable[..., Any]] = {
     "layer_norm": launch_norms.layer_norm,
     "layer_norm_backward": launch_norms.layer_norm_backward,
     "adam_step": launch_adam.adam_step,
+    "lamb_step": launch_lamb.lamb_step,
     "swiglu": launch_activations.swiglu,
     "swiglu_backward": launch_activations.swiglu_backward,
     "bias_gelu": launch_activations.bias_gelu,
     "bias_gelu_backward": launch_activations.bias_gelu_backward,
     "quantize_blockwise": launch_quantize.quantize_blockwise,
     "dequantize_blockwise": launch_quantize.dequantize_blockwise,
+    "quantize_fp8": launch_fp8.quantize_fp8,
+    "dequantize_fp8": launch_fp8.dequantize_fp8,
     "cross_entropy_fwd_bwd": launch_loss.cross_entropy_fwd_bwd,
     "topk_gating": launch_moe.topk_gating,
     "moe_permute": launch_moe.moe_permute,
@@ -38,6 +50,12 @@ LAUNCHERS: dict[str, Callable[..., Any]] = {
     "moe_unpermute_backward": launch_moe.moe_unpermute_backward,
 }
 """Each op the compiled kernels implement, and the launcher that runs it."""
+
+REQUIREMENTS: dict[str, Callable[[NativeLibrary], str | None]] = {
+    "quantize_fp8": launch_fp8.fp8_problem,
+    "dequantize_fp8": launch_fp8.fp8_problem,
+}
+"""Ops that need more than a working extension (a GPU generation, a platform): why not, or None."""
 
 
 class NativeBackend:
@@ -55,6 +73,8 @@ class NativeBackend:
         if op not in LAUNCHERS:
             return Availability(False, f"{self.name} has no kernel for {op!r}")
         problem = self.library.problem(device_type)
+        if problem is None and op in REQUIREMENTS:
+            problem = REQUIREMENTS[op](self.library)
         if problem is not None:
             return Availability(False, problem)
         return Availability(True, f"fused kernel from {self.library.module_name}")

@@ -6,7 +6,8 @@ Installing the package is all it takes: its entry point ``kernels-cuda`` in the 
 * the backend ``cuda-native`` (priority 100) for ``rms_norm``, ``layer_norm`` (forward and
   backward), ``adam_step``, ``swiglu``, ``bias_gelu``, the block-wise quantizers and
   ``cross_entropy_fwd_bwd`` (behind core's ``cross_entropy`` and ``fused_linear_cross_entropy``);
-* the ops ``swiglu``, ``bias_gelu``, ``quantize_blockwise`` and ``dequantize_blockwise``
+* the ops ``swiglu``, ``bias_gelu``, ``quantize_blockwise``, ``dequantize_blockwise``,
+  ``quantize_fp8`` and ``dequantize_fp8`` (:mod:`ds.kernels.cuda.opdefs_fp8`)
   with their torch references (:mod:`ds.kernels.cuda.opdefs`), so they fall back to torch
   wherever the kernels cannot run;
 * the backend ``cuda-triton`` (priority 90, needs triton) for the norms, the block-wise
@@ -33,6 +34,7 @@ from ds.core import hookimpl
 from ._native import NativeLibrary
 from .backend import NativeBackend
 from .opdefs import define_ops
+from .opdefs_fp8 import define_fp8_ops
 from .opdefs_moe import define_ops as define_moe_ops
 from .triton_kernels.backend import TritonBackend
 from .triton_kernels.opdefs import define_ops as define_woq_ops
@@ -53,6 +55,7 @@ LIBRARY = NativeLibrary(
 @hookimpl
 def ds_define_kernel_ops(define: Callable[..., None]) -> None:
     define_ops(define)
+    define_fp8_ops(define)
     define_moe_ops(define)
     define_woq_ops(define)
 

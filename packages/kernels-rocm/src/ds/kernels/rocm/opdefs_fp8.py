@@ -1,0 +1,1 @@
+../../../../../kernels-cuda/src/ds/kernels/cuda/opdefs_fp8.py
