@@ -33,11 +33,14 @@ To offer a backend from a plugin::
 To declare a new op from a plugin, implement ``ds_define_kernel_ops(define)`` and call
 ``define(name, reference, mutates_args=(), fake=None, backward=None, saves="inputs")``
 (see :func:`ds.core.kernels.registry.define_op`). ``ds report`` shows which backend runs
-each op on each device type and why the others do not. Importing this package defines
+each op on each device type and why the others do not. Where several kernel backends can
+run an op on a GPU, the fastest on this card wins (:mod:`ds.core.kernels.autotune`); add an
+optional ``benchmark_input(op, device_type)`` to a backend to say what to time it on. Importing this package defines
 core's ops.
 """
 
 from ds.core.kernels import ops
+from ds.core.kernels.autotune import MeasurePolicy
 from ds.core.kernels.backend import REFERENCE_BACKEND, Availability, KernelBackend, TorchReferenceBackend
 from ds.core.kernels.losses import LossInputError, cross_entropy, fused_linear_cross_entropy
 from ds.core.kernels.registry import KernelOp, define_op, defined_ops, get_op
@@ -62,6 +65,7 @@ __all__ = [
     "KernelOp",
     "KernelSelection",
     "KernelUnavailableError",
+    "MeasurePolicy",
     "LossInputError",
     "OpChoice",
     "Rejection",

@@ -8,10 +8,16 @@ the op, or ranked below the winner). The winner is registered with torch.library
 that device type's dispatch key, so ``torch.ops.ds.<op>`` calls it directly afterwards:
 selection happens at composition time (:func:`install_kernels`, or lazily on an op's
 first call on a device type), never per call.
+
+Where two or more kernel backends can run an op on a non-CPU device type, the ranking is
+only a first guess: :mod:`ds.core.kernels.autotune` times them and the fastest runs the op
+(per input dtype), its times recorded in the op's reason; ``DS_KERNEL_BACKEND`` and
+``DS_KERNEL_MEASURE`` let an operator override that (see there).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -20,6 +26,7 @@ from typing import Any
 import torch
 
 from ds.core.errors import DsError, PluginError
+from ds.core.kernels.autotune import Candidate, Measurement, MeasurePolicy, decide, writes_arguments
 from ds.core.kernels.backend import Availability, KernelBackend, TorchReferenceBackend
 from ds.core.kernels.registry import DEFINE_OPTIONS, KernelOp, define_op, defined_ops, get_op, reset_to_first_call
 from ds.core.plugins import Components, Registration, default_components
@@ -65,6 +72,8 @@ class KernelSelection:
     components: Components
     backends: tuple[BackendInfo, ...]
     choices: dict[tuple[str, str], OpChoice] = field(default_factory=dict)
+    policy: MeasurePolicy = field(default_factory=MeasurePolicy.from_env)
+    _measured: dict[tuple[str, str], tuple[OpChoice, list[Measurement]]] = field(default_factory=dict, repr=False)
     _ranked: list[Registration[Any]] = field(default_factory=list, repr=False)
     _implementations: dict[tuple[str, str], Callable[..., Any]] = field(default_factory=dict, repr=False)
 
@@ -101,24 +110,45 @@ class KernelSelection:
 
     def _select(self, op: KernelOp, device_type: str) -> None:
         rejected = [Rejection(info.name, info.problem) for info in self.backends if info.problem is not None]
-        winner: tuple[str, str, Callable[..., Any]] | None = None
+        candidates: list[Candidate] = []
+        consult_all = self.policy.measures(device_type) or op.name in self.policy.overrides
         for registration in self._ranked:
-            if winner is not None:
-                rejected.append(Rejection(registration.name, f"not consulted: {winner[0]!r} ranks higher and runs it"))
+            if candidates and not consult_all:
+                rejected.append(Rejection(registration.name,
+                                          f"not consulted: {candidates[0].name!r} ranks higher and runs it"))
                 continue
             outcome = _consult(registration.value, op.name, device_type)
             if isinstance(outcome, str):
                 rejected.append(Rejection(registration.name, outcome))
             else:
-                winner = (registration.name, *outcome)
+                candidates.append(Candidate(registration.name, *outcome, backend=registration.value))
         key = (op.name, device_type)
-        if winner is None:
+        if not candidates:
             reason = "no registered kernel backend can run it"
             self.choices[key] = OpChoice(op.name, device_type, None, reason, tuple(rejected))
             self._implementations[key] = _unavailable_kernel(self.choices[key])
             return
-        self.choices[key] = OpChoice(op.name, device_type, winner[0], winner[1], tuple(rejected))
-        self._implementations[key] = winner[2]
+        decision = decide(op.name, device_type, candidates, self.policy, mutates=writes_arguments(op),
+                          on_measured=functools.partial(self._record_measurement, key))
+        rejected += [Rejection(name, reason) for name, reason in decision.rejected]
+        self.choices[key] = OpChoice(op.name, device_type, decision.backend, decision.reason, tuple(rejected))
+        self._implementations[key] = decision.implementation
+        if decision.measured is not None:
+            self._measured[key] = (self.choices[key], [])
+            decision.measured.measure_declared_input()
+
+    def _record_measurement(self, key: tuple[str, str], measurement: Measurement) -> None:
+        """Fold a timing into the op's choice: the first timed input names the backend, all are listed."""
+        with _LOCK:
+            unmeasured, measurements = self._measured[key]
+            measurements.append(measurement)
+            first = measurements[0]
+            rejected = [*unmeasured.rejected]
+            for m in measurements:
+                rejected += [Rejection(name, f"slower on {m.input}: {ms:.3f} ms") for name, ms in m.times_ms[1:]]
+                rejected += [Rejection(name, f"failed when timed on {m.input}: {error}") for name, error in m.failures]
+            self.choices[key] = OpChoice(unmeasured.op, unmeasured.device_type, first.winner or unmeasured.backend,
+                                         "; ".join(m.describe() for m in measurements), tuple(rejected))
 
 
 def _consult(backend: KernelBackend, op: str, device_type: str) -> tuple[str, Callable[..., Any]] | str:
@@ -201,13 +231,20 @@ def local_device_types() -> list[str]:
     return device_types
 
 
-def plan_kernels(components: Components, device_types: Iterable[str] | None = None) -> KernelSelection:
-    """Select a backend for every defined op on each device type, without installing anything."""
+def plan_kernels(components: Components, device_types: Iterable[str] | None = None, *,
+                 policy: MeasurePolicy | None = None) -> KernelSelection:
+    """Select a backend for every defined op on each device type, without installing anything.
+
+    ``policy`` (default: from the environment, see :mod:`ds.core.kernels.autotune`) says
+    where competing backends are timed and which choices the operator forces.
+    """
     import ds.core.kernels.ops  # noqa: F401 - defines core's ops
 
     define_plugin_ops(components)
     infos, ranked = _rank(components)
-    selection = KernelSelection(components, infos, _ranked=ranked)
+    policy = policy if policy is not None else MeasurePolicy.from_env()
+    policy.check_overrides([op.name for op in defined_ops()], [info.name for info in infos])
+    selection = KernelSelection(components, infos, policy=policy, _ranked=ranked)
     for device_type in device_types if device_types is not None else local_device_types():
         for op in defined_ops():
             selection.choice(op.name, device_type)
@@ -220,7 +257,8 @@ _registered_device_types: set[str] = set()
 
 
 def install_kernels(
-    components: Components | None = None, *, device_types: Iterable[str] | None = None
+    components: Components | None = None, *, device_types: Iterable[str] | None = None,
+    policy: MeasurePolicy | None = None,
 ) -> KernelSelection:
     """Select backends from ``components`` (default: the installed plugins) and install them.
 
@@ -232,7 +270,7 @@ def install_kernels(
     global _installed
     with _LOCK:
         wanted = list(device_types) if device_types is not None else local_device_types()
-        selection = plan_kernels(components or default_components(), wanted)
+        selection = plan_kernels(components or default_components(), wanted, policy=policy)
         stale = _registered_device_types - set(wanted)
         for op in defined_ops():
             reset_to_first_call(op, stale)
