@@ -35,8 +35,8 @@ To declare a new op from a plugin, implement ``ds_define_kernel_ops(define)`` an
 (see :func:`ds.core.kernels.registry.define_op`). ``ds report`` shows which backend runs
 each op on each device type and why the others do not. Where several kernel backends can
 run an op on a GPU, the fastest on this card wins (:mod:`ds.core.kernels.autotune`); add an
-optional ``benchmark_input(op, device_type)`` to a backend to say what to time it on. Importing this package defines
-core's ops.
+optional ``benchmark_input(op, device_type)`` to a backend to say what to time it on.
+Importing this package defines core's ops.
 """
 
 from ds.core.kernels import ops
