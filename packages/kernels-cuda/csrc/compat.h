@@ -6,6 +6,7 @@
 // handled as raw bits (see dtypes.h) because HIP releases disagree on the bfloat16 header.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #if defined(DS_KERNELS_HIP)
@@ -62,6 +63,17 @@ namespace ds {
 
 inline ds_stream_t as_stream(std::uintptr_t handle) {
   return reinterpret_cast<ds_stream_t>(handle);
+}
+
+// How many blocks of `kernel` the current GPU runs at once: the grid of a persistent kernel.
+template <typename Kernel>
+ds_error_t resident_blocks(Kernel kernel, int threads, std::size_t smem, int* blocks) {
+  int device = 0, multiprocessors = 0, per_multiprocessor = 0;
+  ds_error_t status = DS_GET_DEVICE(&device);
+  if (status == DS_SUCCESS) status = DS_DEVICE_MULTIPROCESSORS(&multiprocessors, device);
+  if (status == DS_SUCCESS) status = DS_OCCUPANCY_BLOCKS_PER_SM(&per_multiprocessor, kernel, threads, smem);
+  *blocks = (per_multiprocessor > 0 ? per_multiprocessor : 1) * (multiprocessors > 0 ? multiprocessors : 1);
+  return status;
 }
 
 }  // namespace ds

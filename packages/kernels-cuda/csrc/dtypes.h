@@ -65,6 +65,56 @@ __device__ __forceinline__ void store_floats(T* ptr, const float (&in)[N]) {
   *reinterpret_cast<Vec<T, N>*>(ptr) = packed;
 }
 
+// Two floats to two bfloat16 (round to nearest even) in one instruction where the hardware
+// has it (sm_80 and newer); the same bits as from_float<bf16> except a NaN's payload.
+__device__ __forceinline__ std::uint32_t pack_bf16x2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  std::uint32_t out;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(out) : "f"(hi), "f"(lo));
+  return out;
+#else
+  return static_cast<std::uint32_t>(from_float<bf16>(lo).bits) |
+         (static_cast<std::uint32_t>(from_float<bf16>(hi).bits) << 16);
+#endif
+}
+
+// bfloat16 stores convert pairwise: memory-bound kernels spend most of their instructions on
+// conversions, and the integer rounding above costs about seven per element.
+template <int N>
+__device__ __forceinline__ void store_floats(bf16* ptr, const float (&in)[N]) {
+  if constexpr (N % 2 == 0) {
+    union {
+      Vec<bf16, N> vec;
+      std::uint32_t words[N / 2];
+    } packed;
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) packed.words[i] = pack_bf16x2(in[2 * i], in[2 * i + 1]);
+    *reinterpret_cast<Vec<bf16, N>*>(ptr) = packed.vec;
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) ptr[i] = from_float<bf16>(in[i]);
+  }
+}
+
+// N elements through the read-only data path (ld.global.nc), in 16-byte pieces when the
+// vector is a multiple of 16 bytes. Only for data no thread of the same kernel writes.
+template <int N, typename T>
+__device__ __forceinline__ Vec<T, N> load_vec_nc(const T* ptr) {
+  constexpr int kBytes = static_cast<int>(sizeof(Vec<T, N>));
+  if constexpr (kBytes % 16 == 0) {
+    union {
+      Vec<T, N> vec;
+      uint4 raw[kBytes / 16];
+    } out;
+    const uint4* src = reinterpret_cast<const uint4*>(ptr);
+#pragma unroll
+    for (int i = 0; i < kBytes / 16; ++i) out.raw[i] = __ldg(src + i);
+    return out.vec;
+  } else {
+    return *reinterpret_cast<const Vec<T, N>*>(ptr);
+  }
+}
+
 // Elements per 16-byte access: the widest load a thread can issue.
 template <typename T>
 constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));

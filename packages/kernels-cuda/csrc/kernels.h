@@ -54,7 +54,8 @@ const char* lamb_step(Ptr tensor_table, Ptr workspace, std::int64_t num_tensors,
 
 // ---- normalisation ----------------------------------------------------------------------
 // y = norm(x) * weight (+ bias) over the last dimension; LayerNorm when `rms` is false.
-// mean/rstd (float32, one per row) are written when non-zero.
+// mean/rstd (float32, one per row) are written when non-zero. weight and bias share w_dtype,
+// which is x_dtype or float32.
 const char* norm_forward(Ptr x, Ptr weight, Ptr bias, Ptr y, Ptr mean, Ptr rstd,
                          std::int64_t rows, std::int64_t hidden, float eps, bool rms,
                          int x_dtype, int w_dtype, std::uintptr_t stream);

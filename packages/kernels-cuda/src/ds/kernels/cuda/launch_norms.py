@@ -32,11 +32,22 @@ def _fits(ext: ModuleType, x: Tensor, weight: Tensor, bias: Tensor | None) -> bo
     return hidden <= ext.norm_max_hidden(vectorized)
 
 
+def _kernel_params(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Weight and bias in one dtype the kernels are built for: the input's, or else float32.
+
+    Any other pairing (an fp16 weight on bf16 input, a bias of another dtype) is upcast to
+    float32, which is exact, so the kernels need no instance per dtype combination.
+    """
+    dtype = weight.dtype
+    if dtype not in (x.dtype, torch.float32) or (bias is not None and bias.dtype != dtype):
+        dtype = torch.float32
+    return dense(weight.to(dtype)), None if bias is None else dense(bias.to(dtype))
+
+
 def _forward(ext: ModuleType, x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, rms: bool) -> Tensor:
     hidden = x.shape[-1]
     x2 = dense(x).view(-1, hidden)
-    weight = dense(weight)
-    bias = None if bias is None else dense(bias)
+    weight, bias = _kernel_params(x, weight, bias)
     y = torch.empty_like(x2)
     with on_device(x):
         ext.norm_forward(x2.data_ptr(), weight.data_ptr(), ptr(bias), y.data_ptr(), 0, 0, x2.shape[0],
@@ -49,21 +60,21 @@ def _backward(ext: ModuleType, grad: Tensor, x: Tensor, weight: Tensor, eps: flo
     hidden = x.shape[-1]
     x2 = dense(x).view(-1, hidden)
     g2 = dense(grad.to(x.dtype)).view(-1, hidden)
-    weight = dense(weight)
+    kernel_weight, _ = _kernel_params(x, weight, None)
     rows = x2.shape[0]
     dx = torch.empty_like(x2)
     with on_device(x):
-        partials = ext.norm_backward_partials(rows, hidden, rms, dtype_code(x.dtype), dtype_code(weight.dtype))
+        partials = ext.norm_backward_partials(rows, hidden, rms, dtype_code(x.dtype), dtype_code(kernel_weight.dtype))
     dw_partial = torch.empty(partials, hidden, device=x.device, dtype=torch.float32)
     db_partial = None if rms else torch.empty_like(dw_partial)
-    dweight = torch.empty_like(weight)
+    dweight = torch.empty(hidden, device=x.device, dtype=weight.dtype)
     dbias = None if bias_dtype is None else torch.empty(hidden, device=x.device, dtype=bias_dtype)
     with on_device(x):
         s = stream()
         if rows > 0:
-            ext.norm_backward(g2.data_ptr(), x2.data_ptr(), weight.data_ptr(), dx.data_ptr(), dw_partial.data_ptr(),
-                              ptr(db_partial), rows, hidden, float(eps), rms, partials, dtype_code(x.dtype),
-                              dtype_code(weight.dtype), s)
+            ext.norm_backward(g2.data_ptr(), x2.data_ptr(), kernel_weight.data_ptr(), dx.data_ptr(),
+                              dw_partial.data_ptr(), ptr(db_partial), rows, hidden, float(eps), rms, partials,
+                              dtype_code(x.dtype), dtype_code(kernel_weight.dtype), s)
         else:
             dw_partial.zero_()
             if db_partial is not None:
