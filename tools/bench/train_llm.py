@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.device == "cpu" and MODES[args.mode].needs_deepspeed:
         parser.error(f"--mode {args.mode} needs DeepSpeed's CUDA build; run it with --device cuda.")
+    if MODES[args.mode].offload == "nvme" and args.nvme_path is None:
+        parser.error(f"--mode {args.mode} keeps optimizer state on disk: pass --nvme-path DIR on a fast disk.")
     if min(args.micro_batch, args.grad_accum, args.steps) < 1 or args.warmup < 0:
         parser.error("--micro-batch, --grad-accum and --steps must be >= 1 and --warmup >= 0.")
     return args

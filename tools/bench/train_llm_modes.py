@@ -42,7 +42,7 @@ class Mode:
     @property
     def peer(self) -> str | None:
         """The DeepSpeed mode with the same stage and offload, which a ds mode is compared to."""
-        return "deep" + self.name[1:] if self.framework == "ds" else None
+        return "deepspeed" + self.name[2:] if self.framework == "ds" else None
 
 
 def _modes() -> dict[str, Mode]:
@@ -76,8 +76,7 @@ def engine_config(mode: Mode, *, micro_batch: int, grad_accum: int, nvme_path: P
         if mode.stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     elif mode.offload == "nvme":
-        if nvme_path is None:
-            raise SystemExit(f"--mode {mode.name} keeps optimizer state on disk: pass --nvme-path DIR on a fast disk.")
+        assert nvme_path is not None, "train_llm.parse_args asks for --nvme-path"
         zero["offload_optimizer"] = {"device": "nvme", "nvme_path": str(nvme_path), "pin_memory": True}
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
