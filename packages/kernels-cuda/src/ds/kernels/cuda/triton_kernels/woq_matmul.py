@@ -11,10 +11,14 @@ scale multiplies the tile's partial sums afterwards; asymmetric offsets add
   atomically into a float32 output, so even a short N spreads over every multiprocessor;
 * larger M (prefill, batches): ordinary output tiles, no split.
 
-Tile sizes are autotuned once per weight shape (and per M bucket for the tiled path).
+Tile sizes are autotuned once per weight shape (and per M bucket for the tiled path);
+``DS_TRITON_AUTOTUNE=0`` (read per call) skips that and runs each path's first config,
+which is what the interpreter always does (tests use it to avoid compiling every config).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -26,6 +30,7 @@ from ._common import dot_dtype, floats, interpreting, reference
 from .opdefs import is_symmetric
 
 GEMV_MAX_ROWS = 4
+AUTOTUNE_ENV = "DS_TRITON_AUTOTUNE"
 
 _MAX_BLOCK_K = 128
 
@@ -83,7 +88,7 @@ def _gemv_configs() -> list[triton.Config]:
               (128, 4, 8), (32, 8, 4), (64, 8, 4), (128, 8, 8), (64, 16, 4)]
     configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": n, "SPLIT_K": split}, num_warps=warps, num_stages=4)
                for n, split, warps in shapes]
-    return configs[:1] if interpreting() else configs  # the interpreter's one config splits K in two
+    return configs  # the first, which the interpreter runs, splits K in two
 
 
 def _tiled_configs() -> list[triton.Config]:
@@ -91,7 +96,7 @@ def _tiled_configs() -> list[triton.Config]:
               (64, 128, 8, 3), (128, 64, 4, 4), (128, 128, 8, 3)]
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "SPLIT_K": 1}, num_warps=warps, num_stages=stages)
                for m, n, warps, stages in shapes]
-    return configs[:1] if interpreting() else configs
+    return configs
 
 
 def _rows_that_fit(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
@@ -100,10 +105,15 @@ def _rows_that_fit(configs: list[triton.Config], named_args: dict, **kwargs: obj
     return [c for c in configs if c.kwargs["BLOCK_M"] <= limit] or configs[:1]
 
 
+_GEMV_CONFIGS, _TILED_CONFIGS = _gemv_configs(), _tiled_configs()
 _KEY = ["N", "K", "BITS", "BLOCK_K", "SYMMETRIC"]
-_gemv = triton.autotune(configs=_gemv_configs(), key=_KEY, reset_to_zero=["y_ptr"])(_woq_matmul)
-_tiled = triton.autotune(configs=_tiled_configs(), key=[*_KEY, "m_bucket"],
+_gemv = triton.autotune(configs=_GEMV_CONFIGS, key=_KEY, reset_to_zero=["y_ptr"])(_woq_matmul)
+_tiled = triton.autotune(configs=_TILED_CONFIGS, key=[*_KEY, "m_bucket"],
                          prune_configs_by={"early_config_prune": _rows_that_fit})(_woq_matmul)
+
+
+def _autotuning() -> bool:
+    return not interpreting() and os.environ.get(AUTOTUNE_ENV, "1").strip() != "0"
 
 
 def _fits(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor | None, bits: int, group_size: int) -> bool:
@@ -134,12 +144,16 @@ def woq_matmul(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor | Non
     gemv = m <= GEMV_MAX_ROWS
     y = torch.zeros(m, n, dtype=torch.float32, device=x.device) if gemv else torch.empty(m, n, dtype=x.dtype,
                                                                                           device=x.device)
-    kernel = _gemv if gemv else _tiled
-
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
 
-    kernel[grid](x2, codes, scales, offsets, y, m, n, k, x2.stride(0), x2.stride(1), triton.next_power_of_2(m),
-                 GROUP=group_size, BITS=bits, SYMMETRIC=symmetric, ATOMIC=gemv, DOT=dot_dtype(x.dtype),
-                 PRECISION="ieee" if x.dtype == torch.float32 else None, BLOCK_K=min(group_size, _MAX_BLOCK_K))
+    args = (x2, codes, scales, offsets, y, m, n, k, x2.stride(0), x2.stride(1), triton.next_power_of_2(m))
+    meta = dict(GROUP=group_size, BITS=bits, SYMMETRIC=symmetric, ATOMIC=gemv, DOT=dot_dtype(x.dtype),
+                PRECISION="ieee" if x.dtype == torch.float32 else None, BLOCK_K=min(group_size, _MAX_BLOCK_K))
+    if _autotuning():
+        (_gemv if gemv else _tiled)[grid](*args, **meta)
+    else:
+        config = (_GEMV_CONFIGS if gemv else _TILED_CONFIGS)[0]
+        _woq_matmul[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                                         num_stages=config.num_stages)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
