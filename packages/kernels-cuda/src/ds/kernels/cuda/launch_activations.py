@@ -18,7 +18,8 @@ from ._launch import (
 from ._native import dtype_code
 
 _APPROXIMATIONS = {"none": False, "tanh": True}
-_THREADS = 256
+_TILE_VECTORS = 32  # columns of a bias_gelu_backward block, in vectors (csrc/activations.cu)
+_BLOCKS_PER_SM = 3  # bias_gelu_backward blocks resident per multiprocessor (about 80 registers a thread)
 
 
 def swiglu(ext: ModuleType, x: Tensor) -> Tensor:
@@ -75,11 +76,12 @@ def bias_gelu_backward(ext: ModuleType, grad_output: Tensor, x: Tensor, bias: Te
     rows = x2.shape[0]
     dx = torch.empty_like(x2)
     dbias = torch.empty_like(bias)
-    # Aim for about 8 blocks of 256 threads per multiprocessor over the whole grid.
+    # One wave of _BLOCKS_PER_SM blocks per multiprocessor: each block owns a tile of 32
+    # vectors of columns and every gridDim.y-th group of rows, and writes one partial row.
     vector = 16 // x.element_size() if hidden % (16 // x.element_size()) == 0 else 1
-    column_blocks = -(-hidden // (vector * _THREADS))
+    column_blocks = -(-hidden // (vector * _TILE_VECTORS))
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    partials = max(1, min(rows, 65535, multiprocessors(index) * 8 // column_blocks))
+    partials = max(1, min(rows, 65535, multiprocessors(index) * _BLOCKS_PER_SM // column_blocks))
     dbias_partial = torch.empty(partials, hidden, dtype=torch.float32, device=x.device)
     with on_device(x):
         s = stream()
