@@ -287,8 +287,11 @@ def main() -> None:
     print(f"{env['gpu']}: device-to-device copy {copy_gbs:.0f} GB/s", flush=True)
     scale = 4 if args.quick else 1
     reps = 10 if args.quick else 30
+    # The norms at three hidden sizes with the same bytes per call, to show the trend.
     groups: list[Callable[[], list[Case]]] = [
+        lambda: norm_cases(65536 // scale, 2048),
         lambda: norm_cases(32768 // scale, 4096),
+        lambda: norm_cases(16384 // scale, 8192),
         lambda: activation_cases(16384 // scale, 8192),
         lambda: quantize_cases((1 << 27) // scale, 128),
         lambda: adam_cases(1_350_000_000 // scale, not args.no_deepspeed),
