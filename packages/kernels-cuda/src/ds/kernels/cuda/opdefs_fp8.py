@@ -40,7 +40,10 @@ def quantize_fp8(x: Tensor, group_size: int = 128,
     pad = groups * group_size - numel
     grouped = torch.cat([flat, flat.new_zeros(pad)]).view(groups, group_size)  # zeros leave amax alone
     fp8_max = torch.finfo(fp8_dtype).max
-    scales = grouped.abs().amax(dim=1) / fp8_max
+    amax = grouped.abs().amax(dim=1)
+    # A tensor divisor: torch turns division by a Python scalar into multiplication by its
+    # reciprocal, which can differ from the kernels' correctly rounded quotient in the last bit.
+    scales = amax / torch.full_like(amax, fp8_max)
     inverse = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
     codes = (grouped * inverse[:, None]).clamp(-fp8_max, fp8_max).to(fp8_dtype)
     return codes.reshape(-1)[:numel].reshape(x.shape), scales
