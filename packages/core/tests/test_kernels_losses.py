@@ -166,6 +166,20 @@ def test_op_traces_under_torch_compile() -> None:
     torch.testing.assert_close(eager_logits, 2 * (torch.softmax(logits, 1) - F.one_hot(target, 40)))
 
 
+def test_losses_differentiate_inside_torch_compile() -> None:
+    def head(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(hidden @ weight.t(), target) + fused_linear_cross_entropy(hidden, weight, target,
+                                                                                       chunk_size=8)
+
+    hidden, weight = torch.randn(16, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
+    target = torch.randint(0, 50, (16,))
+    torch.compile(head, backend="eager")(hidden, weight, target).backward()
+    hidden64, weight64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    (2 * F.cross_entropy(hidden64 @ weight64.t(), target)).backward()
+    torch.testing.assert_close(hidden.grad.double(), hidden64.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weight.grad.double(), weight64.grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(("call", "message"), [
     (lambda: cross_entropy(torch.randn(3, 5), torch.zeros(4, dtype=torch.long)), "target has shape"),
     (lambda: cross_entropy(torch.randn(3, 5), torch.zeros(3)), "integer class indices"),
