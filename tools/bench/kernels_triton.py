@@ -1,0 +1,228 @@
+"""Benchmark ds's Triton kernels against the CUDA-native ones, torch eager and torch.compile.
+
+    python tools/bench/kernels_triton.py --out benchmarks/results [--quick] [--only TEXT]
+
+Memory-bound ops (norms, quantizers) are reported like tools/bench/kernels.py does: time,
+GB/s over the fewest bytes the op must move, and the fraction of the card's measured
+device-to-device copy bandwidth (target: >= 85%). ``woq_matmul`` at batch 1 is compared
+with a bf16 ``F.linear`` of the same shape: eager (CUDA events around one call, so launch
+overhead counts) and inside a CUDA graph of 20 calls (GPU time only, as decoding loops run
+it); target: int4 at least 3x faster than bf16. The run also records which backend core's
+timing picks for each op (``ds report``'s reason). Results go to
+``kernels-triton-<gpu>-<date>.json`` and ``.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import Case, compiled, copy_bandwidth_gbs, environment, run_case, time_ms  # noqa: E402
+
+WOQ_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
+"""(K, N): x [1, K] times a weight [N, K] (nn.Linear's layout): attention, MLP up, MLP down, a 70B MLP up."""
+
+GRAPH_CALLS = 20
+
+
+def backend_kernels(op: str) -> dict[str, Callable[..., Any]]:
+    """The Triton and CUDA-native implementations of ``op`` that can run here, by label."""
+    from ds.kernels.cuda.backend import NativeBackend
+    from ds.kernels.cuda.plugin import LIBRARY
+    from ds.kernels.cuda.triton_kernels.backend import TritonBackend
+
+    found: dict[str, Callable[..., Any]] = {}
+    backends = (TritonBackend("cuda-triton", runtime="cuda", install_hint=""), NativeBackend("cuda-native", LIBRARY))
+    for backend in backends:
+        if op in backend.ops() and backend.availability(op, "cuda").available:
+            try:
+                found[backend.name] = backend.implementation(op, "cuda")
+            except Exception as exc:  # noqa: BLE001 - reported as the variant's error below
+                print(f"{backend.name} {op}: {exc}", file=sys.stderr)
+    return found
+
+
+def with_backends(name: str, bytes_moved: int, op: str, args: tuple[Any, ...], torch_variants: dict[str, Any]) -> Case:
+    variants = {label: (lambda f=fn: f(*args)) for label, fn in backend_kernels(op).items()}
+    return Case(name, bytes_moved, {**variants, **torch_variants})
+
+
+def norm_cases(rows: int, hidden: int) -> list[Case]:
+    dt = torch.bfloat16
+    x = torch.randn(rows, hidden, device="cuda", dtype=dt, requires_grad=True)
+    w = (torch.rand(hidden, device="cuda", dtype=dt) + 0.5).requires_grad_()
+    b = torch.randn(hidden, device="cuda", dtype=dt, requires_grad=True)
+    g = torch.randn(rows, hidden, device="cuda", dtype=dt)
+    n = rows * hidden * 2
+    rms_c, ln_c = compiled(F.rms_norm), compiled(F.layer_norm)
+    y_rms, y_rms_c = F.rms_norm(x, (hidden,), w, 1e-6), rms_c(x, (hidden,), w, 1e-6)
+    y_ln, y_ln_c = F.layer_norm(x, (hidden,), w, b, 1e-5), ln_c(x, (hidden,), w, b, 1e-5)
+    xd, wd, bd = x.detach(), w.detach(), b.detach()
+    shape = f"[{rows}x{hidden}] bf16"
+    return [
+        with_backends(f"rms_norm fwd {shape}", 2 * n, "rms_norm", (xd, wd, 1e-6), {
+            "torch eager": lambda: F.rms_norm(xd, (hidden,), wd, 1e-6),
+            "torch.compile": lambda: rms_c(xd, (hidden,), wd, 1e-6)}),
+        with_backends(f"rms_norm bwd {shape}", 3 * n, "rms_norm_backward", (g, xd, wd, 1e-6), {
+            "torch eager": lambda: torch.autograd.grad(y_rms, (x, w), g, retain_graph=True),
+            "torch.compile": lambda: torch.autograd.grad(y_rms_c, (x, w), g, retain_graph=True)}),
+        with_backends(f"layer_norm fwd {shape}", 2 * n, "layer_norm", (xd, wd, bd, 1e-5), {
+            "torch eager": lambda: F.layer_norm(xd, (hidden,), wd, bd, 1e-5),
+            "torch.compile": lambda: ln_c(xd, (hidden,), wd, bd, 1e-5)}),
+        with_backends(f"layer_norm bwd {shape}", 3 * n, "layer_norm_backward", (g, xd, wd, bd, 1e-5), {
+            "torch eager": lambda: torch.autograd.grad(y_ln, (x, w, b), g, retain_graph=True),
+            "torch.compile": lambda: torch.autograd.grad(y_ln_c, (x, w, b), g, retain_graph=True)}),
+    ]
+
+
+def quantize_cases(numel: int, group: int) -> list[Case]:
+    from ds.kernels.cuda import opdefs
+
+    x = torch.randn(numel, device="cuda", dtype=torch.bfloat16)
+    quant_c, dequant_c = compiled(opdefs.quantize_blockwise), compiled(opdefs.dequantize_blockwise)
+    cases = []
+    for bits, symmetric in ((8, True), (4, False)):
+        codes, scales, offsets = opdefs.quantize_blockwise(x, group, bits, symmetric)
+        moved = 2 * numel + numel * bits // 8 + (numel // group) * 4 * (1 if symmetric else 2)
+        label = f"int{bits} {'sym' if symmetric else 'asym'} g{group} [{numel}] bf16"
+        cases.append(with_backends(f"quantize {label}", moved, "quantize_blockwise", (x, group, bits, symmetric), {
+            "torch eager": lambda b=bits, s=symmetric: opdefs.quantize_blockwise(x, group, b, s),
+            "torch.compile": lambda b=bits, s=symmetric: quant_c(x, group, b, s)}))
+        args = (codes, scales, offsets, numel, group, bits, symmetric, torch.bfloat16)
+        cases.append(with_backends(f"dequantize {label}", moved, "dequantize_blockwise", args, {
+            "torch eager": lambda a=args: opdefs.dequantize_blockwise(*a),
+            "torch.compile": lambda a=args: dequant_c(*a)}))
+    return cases
+
+
+def graph_time_ms(fn: Callable[[], Any], reps: int) -> float:
+    """GPU time per call: ``GRAPH_CALLS`` calls captured in one CUDA graph, replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_CALLS):
+            fn()
+    return time_ms(graph.replay, reps=reps) / GRAPH_CALLS
+
+
+def woq_row(k: int, n: int, reps: int) -> dict[str, Any]:
+    """bf16 F.linear and int4/int8 (symmetric, groups of 128) woq_matmul of x [1, K] by a [N, K] weight."""
+    from ds.kernels.cuda.triton_kernels.opdefs import quantize_weight
+    from ds.kernels.cuda.triton_kernels.woq_matmul import woq_matmul
+
+    weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    variants: dict[str, tuple[Callable[[], Any], int]] = {"bf16 F.linear": (lambda: F.linear(x, weight), 2 * n * k)}
+    for bits in (4, 8):
+        q, s, _ = quantize_weight(weight, bits, 128, True)
+        variants[f"int{bits} woq_matmul"] = (lambda q=q, s=s, b=bits: woq_matmul(x, q, s, None, b, 128),
+                                             n * k * bits // 8 + s.numel() * 4)
+    row: dict[str, Any] = {"shape": f"K={k} N={n}", "results": {}}
+    for label, (fn, weight_bytes) in variants.items():
+        try:
+            fn()  # autotunes before any timing or capture
+            row["results"][label] = {"eager_ms": time_ms(fn, reps=reps), "graph_ms": graph_time_ms(fn, reps),
+                                     "weight_bytes": weight_bytes}
+        except Exception as exc:  # noqa: BLE001 - one failing variant must not hide the others
+            row["results"][label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    print(row, flush=True)
+    return row
+
+
+def woq_rows(reps: int) -> list[dict[str, Any]]:
+    rows = []
+    for k, n in WOQ_SHAPES:
+        rows.append(woq_row(k, n, reps))
+        torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(env: dict[str, Any], copy_gbs: float, cases: list[Case], woq: list[dict[str, Any]]) -> str:
+    lines = [
+        f"# ds Triton kernels on {env['gpu']}", "",
+        f"{env['date']}; torch {env['torch']} (CUDA {env['cuda']}), triton {env.get('triton')}, "
+        f"Python {env['python']}", "",
+        f"Device-to-device copy: **{copy_gbs:.0f} GB/s** (read + written); target >= 85% of it.", "",
+        "| op | implementation | time (ms) | GB/s | of copy | vs best torch |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for case in cases:
+        torch_times = [t for label, t in case.results_ms.items() if label.startswith("torch")]
+        best_torch = min(torch_times) if torch_times else math.nan
+        for label, ms in case.results_ms.items():
+            gbs = case.bytes_moved / ms / 1e6
+            lines.append(f"| {case.name} | {label} | {ms:.3f} | {gbs:.0f} | {gbs / copy_gbs:.0%} | "
+                         f"{best_torch / ms:.2f}x |")
+        lines += [f"| {case.name} | {label} | failed: {error[:120]} | | | |" for label, error in case.errors.items()]
+    lines += ["", "## woq_matmul at batch 1 vs bf16 (target: int4 >= 3x)", "",
+              "| shape | implementation | eager ms | graphed ms | weight GB/s (graphed) | of copy | vs bf16 graphed |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in woq:
+        base = row["results"].get("bf16 F.linear", {}).get("graph_ms", math.nan)
+        for label, result in row["results"].items():
+            if "error" in result:
+                lines.append(f"| {row['shape']} | {label} | failed: {result['error'][:120]} | | | | |")
+                continue
+            gbs = result["weight_bytes"] / result["graph_ms"] / 1e6
+            lines.append(f"| {row['shape']} | {label} | {result['eager_ms']:.4f} | {result['graph_ms']:.4f} | "
+                         f"{gbs:.0f} | {gbs / copy_gbs:.0%} | {base / result['graph_ms']:.2f}x |")
+    lines += ["", "## Backend core's timing picks on this card", ""]
+    lines += [f"- {op}: {reason}" for op, reason in env["selection"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions")
+    parser.add_argument("--only", default="", help="time only the cases whose name contains this text")
+    args = parser.parse_args()
+
+    from ds.core.kernels import install_kernels
+    from ds.kernels.cuda.triton_kernels.backend import KERNELS
+
+    selection = install_kernels()  # times cuda-triton against cuda-native where both run an op
+    env = environment()
+    env["selection"] = {op: f"{selection.choice(op, 'cuda').backend} ({selection.choice(op, 'cuda').reason})"
+                        for op in KERNELS}
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"{env['gpu']}: device-to-device copy {copy_gbs:.0f} GB/s", flush=True)
+    scale = 4 if args.quick else 1
+    reps = 10 if args.quick else 30
+    cases: list[Case] = []
+    for build in (lambda: norm_cases(32768 // scale, 4096), lambda: quantize_cases((1 << 27) // scale, 128)):
+        built = [case for case in build() if args.only in case.name]
+        for case in built:
+            run_case(case, reps)
+            print(case.name, {k: round(v, 3) for k, v in case.results_ms.items()}, case.errors or "", flush=True)
+        cases.extend(built)
+        del built
+        torch.cuda.empty_cache()
+    woq = woq_rows(reps) if args.only in "woq_matmul" else []
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"kernels-triton-{env['gpu'].replace(' ', '_')}-{env['date'][:10]}"
+    payload = {"environment": env, "copy_gbs": copy_gbs, "woq_matmul_batch1": woq,
+               "cases": [{"name": c.name, "bytes_moved": c.bytes_moved, "results_ms": c.results_ms,
+                          "errors": c.errors} for c in cases]}
+    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+    table = markdown(env, copy_gbs, cases, woq)
+    (args.out / f"{stem}.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
