@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import triton.language as tl
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -23,17 +22,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def dot_dtype(dtype: torch.dtype) -> tl.dtype:
-    """The element type tensor-core dots take for inputs of ``dtype``.
+def dot_operands(dtype: torch.dtype) -> str:
+    """``"bf16"``, ``"fp16"`` or ``"fp32"``: the operand type of a kernel's dots for inputs of ``dtype``.
 
     The interpreter multiplies bfloat16 matrices wrongly (numpy has no bfloat16), so there
     bf16 operands are widened to float32, which changes nothing but speed.
     """
     if dtype == torch.float16:
-        return tl.float16
+        return "fp16"
     if dtype == torch.bfloat16 and not interpreting():
-        return tl.bfloat16
-    return tl.float32
+        return "bf16"
+    return "fp32"
 
 
 def reference(op: str) -> Callable[..., Any]:

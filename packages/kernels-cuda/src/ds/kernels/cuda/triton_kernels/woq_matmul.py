@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..opdefs import BITS, GROUP_SIZES
-from ._common import dot_dtype, floats, interpreting, reference
+from ._common import dot_operands, floats, interpreting, reference
 from .opdefs import is_symmetric
 
 GEMV_MAX_ROWS = 4
@@ -38,7 +38,7 @@ _MAX_BLOCK_K = 128
 @triton.jit
 def _woq_matmul(x_ptr, w_ptr, scales_ptr, offsets_ptr, y_ptr, M, N, K, stride_xm, stride_xk, m_bucket,
                 GROUP: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr, ATOMIC: tl.constexpr,
-                DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+                DOT: tl.constexpr, BLOCK_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
     n_blocks = tl.cdiv(N, BLOCK_N)
     pid_m = tl.program_id(0) // n_blocks
@@ -70,7 +70,12 @@ def _woq_matmul(x_ptr, w_ptr, scales_ptr, offsets_ptr, y_ptr, M, N, K, stride_xm
             q = tl.reshape(tl.join(even, odd), [BLOCK_N, BLOCK_K]).to(tl.float32)
         group = rn * groups_per_row + k0 // GROUP
         scale = tl.load(scales_ptr + group, mask=n_mask, other=0.0)
-        partial = tl.dot(a.to(DOT), tl.trans(q.to(DOT)), input_precision=PRECISION)
+        if DOT == "bf16":
+            partial = tl.dot(a.to(tl.bfloat16), tl.trans(q.to(tl.bfloat16)))
+        elif DOT == "fp16":
+            partial = tl.dot(a.to(tl.float16), tl.trans(q.to(tl.float16)))
+        else:  # float32 operands, multiplied exactly (no tf32)
+            partial = tl.dot(a.to(tl.float32), tl.trans(q), input_precision="ieee")
         acc += partial * scale[None, :]
         if not SYMMETRIC:
             offset = tl.load(offsets_ptr + group, mask=n_mask, other=0.0)
@@ -148,8 +153,8 @@ def woq_matmul(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor | Non
         return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
 
     args = (x2, codes, scales, offsets, y, m, n, k, x2.stride(0), x2.stride(1), triton.next_power_of_2(m))
-    meta = dict(GROUP=group_size, BITS=bits, SYMMETRIC=symmetric, ATOMIC=gemv, DOT=dot_dtype(x.dtype),
-                PRECISION="ieee" if x.dtype == torch.float32 else None, BLOCK_K=min(group_size, _MAX_BLOCK_K))
+    meta = dict(GROUP=group_size, BITS=bits, SYMMETRIC=symmetric, ATOMIC=gemv, DOT=dot_operands(x.dtype),
+                BLOCK_K=min(group_size, _MAX_BLOCK_K))
     if _autotuning():
         (_gemv if gemv else _tiled)[grid](*args, **meta)
     else:
