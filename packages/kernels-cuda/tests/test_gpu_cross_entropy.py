@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ds.core.kernels import cross_entropy, fused_linear_cross_entropy
+from ds.core.testing.kernel_checks import poison, rel_error
 
 pytestmark = [
     pytest.mark.gpu,
@@ -35,15 +36,6 @@ def native_kernels(installed):
     choice = installed.choice("cross_entropy_fwd_bwd", "cuda")
     assert choice.backend == "cuda-native", choice
     yield installed
-
-
-def poison_allocator() -> None:
-    """Leave the caching allocator's small and large pools full of 0xFF bytes (NaN in every float format)."""
-    blocks = [torch.empty(1 << 19, dtype=torch.uint8, device="cuda") for _ in range(32)]
-    blocks.append(torch.empty(1 << 28, dtype=torch.uint8, device="cuda"))
-    for block in blocks:
-        block.fill_(0xFF)
-    del blocks
 
 
 def targets(rows: int, vocab: int) -> torch.Tensor:
@@ -88,7 +80,7 @@ def test_kernel_matches_float64(dtype: torch.dtype, vocab: int, smoothing: float
     logits = (torch.randn(rows, vocab, device="cuda") * 2).to(dtype)
     target = targets(rows, vocab)
     loss_ref, lse_ref, grad_ref = expected(logits, target, smoothing, 0.5)
-    poison_allocator()
+    poison()
     loss, lse = torch.ops.ds.cross_entropy_fwd_bwd(logits, target, IGNORE, smoothing, 0.5)
     assert loss.dtype == lse.dtype == torch.float32
     assert_rows(loss, loss_ref)
@@ -104,7 +96,7 @@ def test_rows_of_a_wider_buffer_are_written_in_place_and_nothing_else(dtype: tor
     logits = buffer[:, :vocab]
     target = targets(rows, vocab)
     loss_ref, _, grad_ref = expected(logits, target, 0.0, 1.0)
-    poison_allocator()
+    poison()
     loss, _ = torch.ops.ds.cross_entropy_fwd_bwd(logits, target, IGNORE, 0.0, 1.0)
     assert_rows(loss, loss_ref)
     assert_gradient(buffer[:, :vocab], grad_ref, dtype, 0.0)
@@ -176,5 +168,4 @@ def test_linear_variant_matches_float64_and_never_holds_all_logits() -> None:
     # The logits are a bf16 matmul, as in torch's own bf16 LM head: bf16-level agreement.
     torch.testing.assert_close(loss.double(), reference.detach(), rtol=1e-2, atol=1e-2)
     for got, want in ((hidden.grad, h64.grad), (weight.grad, w64.grad)):
-        relative = ((got.double() - want).norm() / want.norm()).item()
-        assert relative < 2e-2, relative
+        assert rel_error(got, want) < 2e-2
