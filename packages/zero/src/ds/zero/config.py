@@ -1,8 +1,7 @@
 """The ``zero_optimization`` config section, with DeepSpeed's keys, defaults and meaning.
 
-Values ds accepts but does not implement yet (optimizer offload to NVMe at stage 3,
-parameter offload to NVMe, MiCS) are rejected when the config loads, with the key named, never
-silently ignored.
+Values ds accepts but does not implement yet (parameter offload to NVMe, MiCS) are
+rejected when the config loads, with the key named, never silently ignored.
 """
 
 from __future__ import annotations
@@ -98,7 +97,6 @@ class ZeroConfig(SectionModel):
     @model_validator(mode="after")
     def _not_yet(self) -> ZeroConfig:
         unsupported = {
-            "offload_optimizer.device nvme at stage 3": self.offload_optimizer.device == "nvme" and self.stage == 3,
             "offload_param.device nvme": self.offload_param.device == "nvme",
             "mics_shard_size": self.mics_shard_size > 0,
             "reduce_scatter": not self.reduce_scatter,

@@ -18,6 +18,9 @@ State dicts use torch's keys (``step``, ``exp_avg``, ``exp_avg_sq``; Adagrad's `
 and Adam's param groups carry torch's ``decoupled_weight_decay``, so a checkpoint moves
 between these classes and ``torch.optim.Adam``/``AdamW``/``Adagrad`` in both directions.
 
+Parameters may be DTensors whose local shard is such a CPU tensor (ZeRO stage 3 with
+offload): the update runs on each rank's local shard, and the state is DTensors alike.
+
 Without the native extension the same update runs in torch ops after one warning
 (see :mod:`ds.zero._native`); ``optimizer.isa`` says which path runs.
 """
@@ -30,6 +33,7 @@ from typing import Any, overload
 import torch
 
 from ds.core.errors import ConfigError
+from ds.core.state_names import local
 from ds.zero._native import resolve_isa
 from ds.zero.cpu_optim_ops import AdamScalars, adagrad_update_, adam_update_
 
@@ -173,8 +177,8 @@ class CPUAdam(_CPUOptimizer):
             decoupled_weight_decay=group["decoupled_weight_decay"],
             bias_correction=group["bias_correction"],
         )
-        adam_update_(param, param.grad, state["exp_avg"], state["exp_avg_sq"], scalars,
-                     isa=self.isa, grad_multiplier=grad_multiplier, low_precision_param=copy)
+        adam_update_(local(param), local(param.grad), local(state["exp_avg"]), local(state["exp_avg_sq"]),
+                     scalars, isa=self.isa, grad_multiplier=grad_multiplier, low_precision_param=copy)
 
 
 class CPUAdagrad(_CPUOptimizer):
@@ -207,7 +211,7 @@ class CPUAdagrad(_CPUOptimizer):
     def _update(self, group: dict[str, Any], param: torch.Tensor, state: dict[str, Any],
                 copy: torch.Tensor | None, grad_multiplier: float) -> None:
         adagrad_update_(
-            param, param.grad, state["sum"], step=int(state["step"].item()), lr=group["lr"],
+            local(param), local(param.grad), local(state["sum"]), step=int(state["step"].item()), lr=group["lr"],
             lr_decay=group["lr_decay"], weight_decay=group["weight_decay"], eps=group["eps"],
             isa=self.isa, grad_multiplier=grad_multiplier, low_precision_param=copy,
         )

@@ -1,9 +1,10 @@
 """CPU Adam whose moments live on disk between steps: ZeRO-Infinity's optimizer offload.
 
-Each parameter (for ZeRO stages 1 and 2, one flat group's master slice) is one sub-group
-of a :class:`~ds.zero.state_swap.SwappedStates`. A step streams the sub-groups through
-three buffers, so while parameter *i* is updated the moments of *i+1* are read and
-those of *i-1* written back; memory holds three parameters' moments, not all of them.
+Each parameter (for ZeRO stages 1 and 2, one flat group's master slice; for stage 3, one
+FSDP2 DTensor's local shard) is one sub-group of a :class:`~ds.zero.state_swap.SwappedStates`;
+a stage-3 shard a rank holds no elements of has no sub-group and nothing to update.
+A step streams the sub-groups through three buffers, so while parameter *i* is updated
+the moments of *i+1* are read and those of *i-1* written back; memory holds three parameters' moments, not all of them.
 The update itself is :class:`~ds.zero.cpu_adam.CPUAdam`'s, so results equal CPU
 offload bit for bit. Only ``step`` (one number per parameter) stays in ``self.state``;
 :meth:`DiskStateAdam.moments_in_memory` and :meth:`DiskStateAdam.store_loaded_moments`
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ds.core.state_names import local
 from ds.zero.cpu_adam import CPUAdam
 from ds.zero.state_swap import SwappedStates
 from ds.zero.swap import SwapConfig
@@ -38,10 +40,11 @@ class DiskStateAdam(CPUAdam):
 
     def __init__(self, param_groups: list[dict[str, Any]], *, folder: str | Path, offload: OffloadConfig) -> None:
         super().__init__(param_groups)
-        self._params = [p for group in self.param_groups for p in group["params"]]
+        # Only parameters with local elements get a sub-group (an FSDP2 shard may be empty).
+        self._params = [p for group in self.param_groups for p in group["params"] if local(p).numel() > 0]
         self._index = {id(p): i for i, p in enumerate(self._params)}
         pin = offload.pin_memory and torch.cuda.is_available()
-        self._swapped = SwappedStates(folder, [p.numel() for p in self._params], MOMENTS,
+        self._swapped = SwappedStates(folder, [local(p).numel() for p in self._params], MOMENTS,
                                       config=SwapConfig(buffer_count=offload.buffer_count, pin_memory=pin))
         self._stream: Iterator[tuple[int, dict[str, torch.Tensor]]] | None = None
         weakref.finalize(self, _close_and_remove, self._swapped.close, Path(folder))
@@ -66,9 +69,11 @@ class DiskStateAdam(CPUAdam):
     def _update(self, group: dict[str, Any], param: torch.Tensor, state: dict[str, Any],
                 copy: torch.Tensor | None, grad_multiplier: float) -> None:
         assert self._stream is not None
+        if id(param) not in self._index:  # no local elements
+            return
         index, moments = next(self._stream)
         assert index == self._index[id(param)], "CPUAdam visits parameters in param_groups order"
-        state.update({name: view.view_as(param) for name, view in moments.items()})
+        state.update({name: view.view_as(local(param)) for name, view in moments.items()})
         try:
             super()._update(group, param, state, copy, grad_multiplier)
         finally:
@@ -83,7 +88,7 @@ class DiskStateAdam(CPUAdam):
         """
         for index, param in enumerate(self._params):
             if self.state.get(param):
-                self.state[param].update({k: v.view_as(param) for k, v in self._swapped.read(index).items()})
+                self.state[param].update({k: v.view_as(local(param)) for k, v in self._swapped.read(index).items()})
         try:
             yield
         finally:
@@ -95,8 +100,8 @@ class DiskStateAdam(CPUAdam):
         """Write moments a checkpoint load put into ``self.state`` to disk (zeros where none came)."""
         for index, param in enumerate(self._params):
             state = self.state.get(param, {})
-            loaded = {name: state.pop(name) for name in MOMENTS if name in state}
-            zeros = torch.zeros(param.numel())
+            loaded = {name: local(state.pop(name)) for name in MOMENTS if name in state}
+            zeros = torch.zeros(local(param).numel())
             self._swapped.write(index, {name: loaded.get(name, zeros).detach().reshape(-1).float()
                                         for name in MOMENTS})
 

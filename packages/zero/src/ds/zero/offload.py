@@ -6,15 +6,19 @@ compute-dtype parameters and the gradient buckets on its accelerator. Per optimi
 1. each flat group's reduced gradient slice is copied into a CPU buffer (pinned and
    non-blocking when ``pin_memory`` is set and CUDA is available; one stream sync
    before the engine reads the gradient norm);
-2. the optimizer updates the CPU master slice. An Adam or AdamW optimizer (from the
-   config or passed to ``initialize``) runs as :class:`~ds.zero.cpu_adam.CPUAdam`,
-   which writes the bf16/fp16 copy of the slice in the same pass, as DeepSpeed turns
-   Adam into DeepSpeedCPUAdam; any other optimizer runs as itself on the CPU tensors;
+2. the optimizer updates the CPU master slice. An Adam, AdamW or Adagrad optimizer (from
+   the config or passed to ``initialize``) runs as :class:`~ds.zero.cpu_adam.CPUAdam` or
+   :class:`~ds.zero.cpu_adam.CPUAdagrad`, which write the bf16/fp16 copy of the slice in
+   the same pass, as DeepSpeed turns Adam into DeepSpeedCPUAdam; any other optimizer
+   runs as itself on the CPU tensors;
 3. the compute-dtype slice is copied to the device and all-gathered as without offload.
 
 With ``nvme`` the Adam moments live in files under ``nvme_path`` between steps
 (:class:`~ds.zero.disk_adam.DiskStateAdam`). Checkpoints are unchanged: the segments
 point at the CPU masters, so a checkpoint saved with offload loads without it.
+
+Stage 3 uses :func:`build_host_optimizer` alone: there the masters are FSDP2's CPU
+DTensor shards, which the CPU optimizers update through their local tensors.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 
 from ds.core.errors import ConfigError
 from ds.core.optimizers import AdamWithoutBiasCorrection
-from ds.zero.cpu_adam import CPUAdam
+from ds.zero.cpu_adam import CPUAdagrad, CPUAdam
 
 if TYPE_CHECKING:
     from ds.core.partition import OptimizerFactory
@@ -70,10 +74,19 @@ def _adam_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]] | Non
     ]
 
 
+def _adagrad_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]] | None:
+    """The optimizer's groups in CPUAdagrad's terms, or None when it is no plain Adagrad."""
+    if type(optimizer) is not torch.optim.Adagrad or any(g.get("maximize") for g in optimizer.param_groups):
+        return None
+    keys = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
+    return [{"params": g["params"], **{k: float(g[k]) for k in keys}} for g in optimizer.param_groups]
+
+
 def build_host_optimizer(
     make_optimizer: OptimizerFactory, groups: list[dict[str, Any]], offload: OffloadConfig, rank: int
 ) -> torch.optim.Optimizer:
-    """The user's optimizer over CPU masters; Adam/AdamW become CPU Adam (state on disk for nvme).
+    """The user's optimizer over CPU masters; Adam/AdamW/Adagrad become CPU Adam/Adagrad
+    (Adam's moments on disk for nvme).
 
     The user's optimizer is built first and translated, so an Adam given as a config
     section, a torch optimizer or a factory all become CPU Adam alike.
@@ -92,9 +105,10 @@ def build_host_optimizer(
         os.makedirs(offload.nvme_path, exist_ok=True)
         folder = tempfile.mkdtemp(prefix=f"ds_zero_optimizer_rank{rank}_", dir=offload.nvme_path)
         return DiskStateAdam(adam_groups or built.param_groups, folder=folder, offload=offload)
-    if adam_groups is None:
-        return built
-    return CPUAdam(adam_groups)
+    if adam_groups is not None:
+        return CPUAdam(adam_groups)
+    adagrad_groups = _adagrad_groups(built)
+    return built if adagrad_groups is None else CPUAdagrad(adagrad_groups)
 
 
 class HostMasters:
@@ -127,7 +141,7 @@ class HostMasters:
 
     def step(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         """Update the masters; return each group's compute-dtype slice on the device."""
-        if isinstance(optimizer, CPUAdam):
+        if isinstance(optimizer, (CPUAdam, CPUAdagrad)):
             by_master = {id(g.master): low for g, low in zip(self.groups, self._low, strict=True)}
             order = [by_master.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
             optimizer.step(low_precision_params=order)

@@ -11,16 +11,20 @@ representation DESIGN.md fixes. ds adds DeepSpeed's configuration and semantics:
 * ``stage3_param_persistence_threshold``: a unit with fewer parameters stays gathered
   from forward through backward instead of being freed and gathered again;
 * ``stage3_prefetch_bucket_size`` and ``stage3_max_live_parameters``: how many units
-  ahead the forward prefetches (at least the next one);
+  ahead forward and backward prefetch (at least one). The first step prefetches forward
+  in registration order; its forward order is traced and replayed from the second step
+  on (:mod:`ds.zero.stage3_trace`);
 * accumulation windows skip the reduce-scatter until their last micro-step;
 * ZeRO++ (:mod:`ds.zero.zeropp`): hpZ through FSDP2's ``reshard_after_forward=<int>``,
   qwZ and qgZ as FSDP2 custom all-gather and reduce-scatter;
-* ``offload_optimizer`` or ``offload_param`` with device ``cpu``: FSDP2's
-  ``CPUOffloadPolicy``, under which the sharded parameters, their gradients and the
-  optimizer state all live on the CPU (FSDP2 cannot keep parameters on the device while
-  the optimizer runs on the CPU, so either key asks for both). The optimizer is the
-  user's torch optimizer stepping the CPU DTensor shards; ds-zero's CPU Adam is not used
-  at this stage because it updates plain contiguous tensors, not DTensors.
+* ``offload_optimizer`` (device ``cpu`` or ``nvme``) or ``offload_param`` (``cpu``):
+  FSDP2's ``CPUOffloadPolicy``, under which the sharded fp32 parameters, their gradients
+  and the optimizer state all live on the CPU (FSDP2 cannot keep parameters on the
+  device while the optimizer runs on the CPU, so either key asks for both). The step
+  runs as ds-zero's CPU Adam/AdamW/Adagrad on each DTensor's local shard
+  (:func:`ds.zero.offload.build_host_optimizer`); with ``nvme`` Adam's moments of each
+  local shard live in files and stream through the step. No bf16 copy is written in
+  the step: FSDP2 casts the fp32 shard while copying it into its all-gather buffer.
 """
 
 from __future__ import annotations
@@ -43,13 +47,15 @@ from ds.core.state_names import (
     named_trainable_parameters,
     optimizer_state_shards,
 )
+from ds.zero.disk_adam import moments_in_memory, store_loaded_moments
 from ds.zero.init_layout import adopt_init_shards, release_init_shards
-from ds.zero.offload import pin_host_memory
+from ds.zero.offload import build_host_optimizer, pin_host_memory
+from ds.zero.stage3_trace import ForwardOrderTrace, PrefetchPlan, apply_prefetch_plan, prefetch_plan, prefetch_window
 from ds.zero.zeropp import ZeroPlusPlus
 
 if TYPE_CHECKING:
     from ds.core.checkpoint import CheckpointReader, TensorShard
-    from ds.zero.config import ZeroConfig
+    from ds.zero.config import OffloadConfig, ZeroConfig
 
 
 def shard_units(module: nn.Module) -> list[nn.Module]:
@@ -69,11 +75,26 @@ def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _host_offload(zero: ZeroConfig) -> OffloadConfig | None:
+    """The offload section that puts the shards on the CPU (optimizer's first), or None."""
+    for offload in (zero.offload_optimizer, zero.offload_param):
+        if offload.device != "none":
+            return offload
+    return None
+
+
 def _offload_policy(zero: ZeroConfig) -> OffloadPolicy:
-    offloads = [o for o in (zero.offload_optimizer, zero.offload_param) if o.device == "cpu"]
+    offloads = [o for o in (zero.offload_optimizer, zero.offload_param) if o.device != "none"]
     if not offloads:
         return OffloadPolicy()
     return CPUOffloadPolicy(pin_memory=any(pin_host_memory(o) for o in offloads))
+
+
+def _units_ahead(units: list[nn.Module], zero: ZeroConfig) -> int:
+    """How many units the prefetch budget covers, at the average unit size (at least one)."""
+    per_unit = max(1, sum(_numel(u) for u in units) // max(1, len(units)))
+    budget = min(int(zero.stage3_prefetch_bucket_size), int(zero.stage3_max_live_parameters))
+    return max(1, budget // per_unit)
 
 
 class FullyShardedPartitioner(Partitioner):
@@ -102,27 +123,28 @@ class FullyShardedPartitioner(Partitioner):
         fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False, offload_policy=offload)
         adopt_init_shards(module, init_shards)
         zeropp.install_fsdp_collectives([*units, module], self._comm)
-        self._set_prefetch(units, zero)
+        self._units = units
+        self._ahead = _units_ahead(units, zero)
+        # Until the first forward is traced: forward prefetch by registration order,
+        # backward by FSDP2's default (reverse post-forward order).
+        self.prefetch = PrefetchPlan(tuple(units), prefetch_window(units, self._ahead), {})
+        """The prefetch lists in force; ``order`` is the traced forward order once the first step ended."""
+        apply_prefetch_plan(self.prefetch, units)
+        self._trace: ForwardOrderTrace | None = ForwardOrderTrace(module, units) if len(units) > 1 else None
         self.module = module
         self._root: FSDPModule = module  # type: ignore[assignment]
 
         self._named = named_trainable_parameters(module)
         by_name = dict(self._named)
-        self.optimizer = context.make_optimizer(
-            [{**g, "params": [by_name[n] for n in names]} for g, names in zip(user_groups, group_names, strict=True)]
+        groups = [{**g, "params": [by_name[n] for n in names]}
+                  for g, names in zip(user_groups, group_names, strict=True)]
+        host = _host_offload(zero)
+        self.optimizer = (
+            context.make_optimizer(groups) if host is None
+            else build_host_optimizer(context.make_optimizer, groups, host, context.comm.rank)
         )
         self._segments = [self._segment(name, p) for name, p in self._named]
         self.gradient_norm_group = self._group
-
-    @staticmethod
-    def _set_prefetch(units: list[nn.Module], zero: ZeroConfig) -> None:
-        if len(units) < 2:
-            return
-        per_unit = max(1, sum(_numel(u) for u in units) // len(units))
-        budget = min(int(zero.stage3_prefetch_bucket_size), int(zero.stage3_max_live_parameters))
-        ahead = max(1, budget // per_unit)
-        for i, unit in enumerate(units):
-            unit.set_modules_to_forward_prefetch(units[i + 1 : i + 1 + ahead])  # type: ignore[operator]
 
     @staticmethod
     def _segment(name: str, param: torch.Tensor) -> Segment:
@@ -153,15 +175,26 @@ class FullyShardedPartitioner(Partitioner):
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        if self._trace is not None and self._trace.order:
+            self._replay_traced_order(self._trace)
+
+    def _replay_traced_order(self, trace: ForwardOrderTrace) -> None:
+        """After the first step's forward: prefetch in the order the units really ran."""
+        self.prefetch = prefetch_plan(trace.order, self._ahead)
+        apply_prefetch_plan(self.prefetch, self._units)
+        trace.remove()
+        self._trace = None
 
     # -- checkpoints and accounting -------------------------------------------------------
 
     def checkpoint_shards(self) -> list[TensorShard]:
-        return master_shards(self._segments) + optimizer_state_shards(self.optimizer, self._segments)
+        with moments_in_memory(self.optimizer):
+            return master_shards(self._segments) + optimizer_state_shards(self.optimizer, self._segments)
 
     def load_checkpoint(self, reader: CheckpointReader) -> None:
         load_masters(reader, self._segments)
         load_optimizer_state(self.optimizer, reader, self._segments)
+        store_loaded_moments(self.optimizer)
 
     def gather_full_parameters(self) -> dict[str, torch.Tensor]:
         return {name: p.full_tensor().detach() for name, p in self._named}
