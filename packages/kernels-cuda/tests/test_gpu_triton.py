@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from ds.core.kernels import MeasurePolicy, install_kernels, reset_kernels
+from ds.core.testing.kernel_checks import poison, rel_error
 
 pytestmark = [
     pytest.mark.gpu,
@@ -41,22 +42,6 @@ def triton_kernels(monkeypatch):
         assert selection.choice(op, "cuda").backend == BACKEND, selection.choice(op, "cuda")
     yield selection
     reset_kernels()
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not torch.isnan(out).any(), "NaN in the output: an element was not written"
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def poison() -> None:
-    """Fill the memory the caching allocator hands out next (small and large pools) with 0xFF: NaN in every float."""
-    free = torch.cuda.mem_get_info()[0]
-    blocks = [torch.empty(min(1 << 30, free // 4), dtype=torch.uint8, device="cuda")]
-    blocks += [torch.empty(1 << 19, dtype=torch.uint8, device="cuda") for _ in range(32)]
-    for block in blocks:
-        block.fill_(0xFF)
-    del blocks
 
 
 def randn(*shape: int, dtype: torch.dtype, noncontiguous: bool = False) -> torch.Tensor:
