@@ -100,7 +100,7 @@ const char* bias_gelu_backward(Ptr dy, Ptr x, Ptr bias, Ptr dx, Ptr dbias_partia
 // is in [0, experts) and its position in [0, capacity); buffer row = expert * capacity + position.
 constexpr int kMoeMaxExperts = 256;
 constexpr int kMoeMaxK = 8;
-constexpr int kMoeGatingTokensPerBlock = 64;
+constexpr int kMoeGatingTokensPerBlock = 128;
 
 // Softmax over `experts` logits per token and its top k (ties to the lower expert index),
 // with positions counted choice-major then token-major; -1 at or beyond capacity. Outputs:

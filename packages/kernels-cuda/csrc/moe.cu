@@ -154,7 +154,13 @@ __global__ void __launch_bounds__(kGatingThreads)
   }
 }
 
+// Loads this many per-block values before using any, so one thread's serial walk over the
+// blocks waits on memory once per batch rather than once per block.
+constexpr int kScanBatch = 16;
+
 // Replaces each block's counts with the row its first choice of each (choice, expert) takes.
+// Thread p walks the blocks for pair p = choice * experts + expert; the expert sums run on
+// the highest-numbered threads, which have no pair when k * experts is small.
 __global__ void __launch_bounds__(1024)
     gating_offsets_kernel(std::int32_t* __restrict__ block_counts, const float* __restrict__ prob_partial,
                           int blocks, int k, int experts, std::int64_t tokens, std::int32_t* __restrict__ expert_counts,
@@ -163,8 +169,29 @@ __global__ void __launch_bounds__(1024)
   const int pairs = k * experts;
   for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
     std::int32_t total = 0;
-    for (int b = 0; b < blocks; ++b) total += block_counts[static_cast<std::int64_t>(b) * pairs + p];
+    for (int b0 = 0; b0 < blocks; b0 += kScanBatch) {
+      std::int32_t count[kScanBatch];
+#pragma unroll
+      for (int i = 0; i < kScanBatch; ++i) {
+        count[i] = b0 + i < blocks ? block_counts[static_cast<std::int64_t>(b0 + i) * pairs + p] : 0;
+      }
+#pragma unroll
+      for (int i = 0; i < kScanBatch; ++i) total += count[i];
+    }
     s_total[p] = total;
+  }
+  for (int e = blockDim.x - 1 - threadIdx.x; e < experts; e += blockDim.x) {
+    float sum = 0.0f;  // a fixed order, so repeated runs agree bit for bit
+    for (int b0 = 0; b0 < blocks; b0 += kScanBatch) {
+      float partial[kScanBatch];
+#pragma unroll
+      for (int i = 0; i < kScanBatch; ++i) {
+        partial[i] = b0 + i < blocks ? prob_partial[static_cast<std::int64_t>(b0 + i) * experts + e] : 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < kScanBatch; ++i) sum += partial[i];
+    }
+    mean_prob[e] = sum / static_cast<float>(tokens);
   }
   __syncthreads();
   for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
@@ -172,20 +199,23 @@ __global__ void __launch_bounds__(1024)
     const int e = p % experts;
     std::int32_t running = 0;  // every earlier choice slot is served first
     for (int earlier = 0; earlier < c; ++earlier) running += s_total[earlier * experts + e];
-    for (int b = 0; b < blocks; ++b) {
-      std::int32_t& slot = block_counts[static_cast<std::int64_t>(b) * pairs + p];
-      const std::int32_t count = slot;
-      slot = running;
-      running += count;
+    for (int b0 = 0; b0 < blocks; b0 += kScanBatch) {
+      std::int32_t count[kScanBatch];
+#pragma unroll
+      for (int i = 0; i < kScanBatch; ++i) {
+        count[i] = b0 + i < blocks ? block_counts[static_cast<std::int64_t>(b0 + i) * pairs + p] : 0;
+      }
+#pragma unroll
+      for (int i = 0; i < kScanBatch; ++i) {
+        if (b0 + i < blocks) block_counts[static_cast<std::int64_t>(b0 + i) * pairs + p] = running;
+        running += count[i];
+      }
     }
   }
   for (int e = threadIdx.x; e < experts; e += blockDim.x) {
     std::int32_t count = 0;
     for (int c = 0; c < k; ++c) count += s_total[c * experts + e];
     expert_counts[e] = count;
-    float sum = 0.0f;
-    for (int b = 0; b < blocks; ++b) sum += prob_partial[static_cast<std::int64_t>(b) * experts + e];
-    mean_prob[e] = sum / static_cast<float>(tokens);
   }
 }
 
