@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ds.core.kernels import MeasurePolicy, install_kernels, reset_kernels
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -44,11 +46,19 @@ def poison() -> None:
     del blocks
 
 
+NATIVE_OPS = ("rms_norm", "rms_norm_backward", "layer_norm", "layer_norm_backward", "swiglu", "bias_gelu",
+              "adam_step", "quantize_blockwise", "dequantize_blockwise")
+
+
 @pytest.fixture(autouse=True)
-def native_kernels(installed):
-    for op in ("rms_norm", "layer_norm", "swiglu", "bias_gelu", "adam_step", "quantize_blockwise"):
+def native_kernels(components):
+    """This file tests the CUDA kernels: pin them, whatever backend measures faster on the card."""
+    policy = MeasurePolicy(overrides=dict.fromkeys(NATIVE_OPS, "cuda-native"))
+    installed = install_kernels(components, policy=policy)
+    for op in NATIVE_OPS:
         assert installed.choice(op, "cuda").backend == "cuda-native", installed.choice(op, "cuda")
     yield installed
+    reset_kernels()
 
 
 def randn(*shape: int, dtype: torch.dtype, noncontiguous: bool = False) -> torch.Tensor:
