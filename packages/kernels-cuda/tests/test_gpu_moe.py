@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_gpu_kernels import poison, rel_error
 
+from ds.core.testing.kernel_checks import poison, rel_error
 from ds.kernels.cuda import opdefs_moe
 
 pytestmark = [
