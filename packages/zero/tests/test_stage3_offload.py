@@ -141,3 +141,23 @@ def test_checkpoints_move_between_disk_offload_and_others(first: str, second: st
     before = run_distributed(_train, WORLD, config(first), 0, half, None, save_dir)[0]
     after = run_distributed(_train, WORLD, config(second), half, half, save_dir, None)[0]
     _assert_close({"losses": before["losses"] + after["losses"], "params": after["params"]}, whole, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("device", ["cpu", "nvme"])
+def test_offload_on_cuda_follows_no_offload(device: str, tmp_path: Path) -> None:
+    """One CUDA process, bf16: shards, gradients and the step on the CPU (pinned, non-blocking
+    copies), the compute on the GPU; losses and weights within 2e-2 relative of no offload."""
+    from ds.core.testing.parity import train_rank
+
+    def config(offload: dict[str, Any] | None) -> dict[str, Any]:
+        return {**_config(offload), "train_batch_size": 2 * GAS, "bf16": {"enabled": True}}
+
+    offload = {"device": device, "pin_memory": True, "nvme_path": str(tmp_path / "swap")}
+    (reference,) = run_distributed(train_rank, 1, config(None), 10)
+    (result,) = run_distributed(train_rank, 1, config(offload), 10)
+    torch.testing.assert_close(torch.tensor(result[0]), torch.tensor(reference[0]), rtol=2e-2, atol=1e-3)
+    for name, ref in reference[1].items():
+        assert result[1][name].is_cuda
+        torch.testing.assert_close(result[1][name].float(), ref.float(), rtol=2e-2, atol=1e-3)

@@ -197,7 +197,8 @@ class FullyShardedPartitioner(Partitioner):
         store_loaded_moments(self.optimizer)
 
     def gather_full_parameters(self) -> dict[str, torch.Tensor]:
-        return {name: p.full_tensor().detach() for name, p in self._named}
+        # Offloaded shards sit on the CPU, where an NCCL group cannot gather them.
+        return {name: p.detach().to(self._comm.device).full_tensor() for name, p in self._named}
 
     def state_bytes(self) -> dict[str, int]:
         def nbytes(t: torch.Tensor) -> int:
