@@ -55,6 +55,17 @@ def ds_register_kernel_backends(register: Callable[..., None]) -> None:
 
 
 @hookimpl
+def ds_register_model_transforms(register: Callable[..., None]) -> None:
+    from ds.core.transforms.causal_lm_loss import FusedCrossEntropy
+    from ds.core.transforms.compile import CompileBlocks
+    from ds.core.transforms.norms import NormKernelInjection
+
+    register(NormKernelInjection())
+    register(FusedCrossEntropy())
+    register(CompileBlocks())
+
+
+@hookimpl
 def ds_register_commands(register: Callable[..., None]) -> None:
     from ds.core.checkpoint import command as checkpoint_command
     from ds.core.cli import Command

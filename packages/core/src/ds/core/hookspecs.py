@@ -182,7 +182,8 @@ def ds_register_model_transforms(register: Callable[..., None]) -> None:
     Call ``register(transform)`` with a :class:`ds.core.transforms.ModelTransform`
     (name, ``order``, ``applies(config)``, ``apply(module, context)``). Transforms run
     in ascending ``order``: tensor parallel (100), sequence parallel (200), expert
-    parallel (300), pipeline split (400), compression (500), kernel injection (600).
+    parallel (300), pipeline split (400), compression (500), kernel injection (600),
+    compilation (700).
 
     Fires once per plugin manager; each transform runs once per ``initialize``.
     """

@@ -28,7 +28,9 @@ from ds.core.config.sections import (
     CheckpointConfig,
     CommsLoggerConfig,
     CommunicatorConfig,
+    CompileConfig,
     Fp16Config,
+    KernelsConfig,
     MeshConfig,
     MonitorConfig,
     OptimizerConfig,
@@ -80,6 +82,8 @@ class DsConfig(SectionModel):
     communicator: CommunicatorConfig = Field(default_factory=CommunicatorConfig)
     comms_logger: CommsLoggerConfig = Field(default_factory=CommsLoggerConfig)
     mesh: MeshConfig = Field(default_factory=MeshConfig)
+    kernels: KernelsConfig = Field(default_factory=KernelsConfig)
+    compile: CompileConfig = Field(default_factory=CompileConfig)
 
     _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
     _sections: dict[str, BaseModel] = PrivateAttr(default_factory=dict)

@@ -174,6 +174,36 @@ class MeshConfig(SectionModel):
         return dp
 
 
+class KernelsConfig(SectionModel):
+    """ds's own switches (DeepSpeed has no such section) for fused kernels swapped into the model.
+
+    ``inject`` makes Hugging Face-style RMSNorm modules and ``torch.nn.LayerNorm`` run
+    ``torch.ops.ds.rms_norm`` / ``layer_norm``; ``fused_cross_entropy`` makes a Hugging
+    Face causal LM compute its loss from the hidden states without materialising the
+    logits. Both keep parameter names, so checkpoints are unchanged
+    (:mod:`ds.core.transforms`).
+    """
+
+    inject: bool = False
+    fused_cross_entropy: bool = False
+
+
+class CompileConfig(SectionModel):
+    """``torch.compile`` of each repeated block of the model, in place, before partitioning.
+
+    Not DeepSpeed's ``compile`` section, which switches DeepCompile (``deepcompile``,
+    ``offload_activation``, ...) and leaves ``torch.compile`` to ``engine.compile()``:
+    these five keys are ``torch.compile``'s own arguments and nothing more. DeepCompile's
+    keys are rejected when switched on (:data:`ds.core.config.keys.NOT_YET_SUPPORTED`).
+    """
+
+    enabled: bool = False
+    backend: str = "inductor"
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
+    fullgraph: bool = False
+    dynamic: bool | None = False
+
+
 CORE_SECTIONS: dict[str, type[SectionModel]] = {
     "fp16": Fp16Config,
     "bf16": Bf16Config,
@@ -187,5 +217,7 @@ CORE_SECTIONS: dict[str, type[SectionModel]] = {
     "communicator": CommunicatorConfig,
     "comms_logger": CommsLoggerConfig,
     "mesh": MeshConfig,
+    "kernels": KernelsConfig,
+    "compile": CompileConfig,
 }
 """Core's top-level sections, which core's builtin plugin registers."""

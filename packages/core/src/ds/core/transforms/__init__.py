@@ -1,4 +1,17 @@
-"""Model transforms: rewrites of the user's model applied before partitioning."""
+"""Model transforms: rewrites of the user's model applied before partitioning.
+
+Plugins register transforms with ``ds_register_model_transforms``; core registers its own:
+
+* :class:`ds.core.transforms.norms.NormKernelInjection` (``kernels.inject``, order 600):
+  RMSNorm and LayerNorm modules run ds's fused norm ops;
+* :class:`ds.core.transforms.causal_lm_loss.FusedCrossEntropy`
+  (``kernels.fused_cross_entropy``, order 610): a Hugging Face causal LM's loss without
+  materialised logits;
+* :class:`ds.core.transforms.compile.CompileBlocks` (``compile.enabled``, order 700):
+  ``torch.compile`` of each repeated block, in place.
+
+Every one of them keeps parameter names, so checkpoints do not depend on the switches.
+"""
 
 from __future__ import annotations
 
