@@ -104,7 +104,7 @@ def test_every_ds_mode_trains_on_one_and_two_ranks(tmp_path: Path) -> None:
     first_steps = {round(r["final_loss"], 2) for r in records if r["gpus"] == 1}
     assert max(first_steps) - min(first_steps) < 0.1
     table = (tmp_path / "out" / "train_llm.md").read_text()
-    assert "| 2 | ds-zero3-offload-cpu | tiny | 4 | 2 |" in table
+    assert "| 2 | ds-zero3-offload-cpu | tiny | ckpt | 4 | 2 |" in table
 
 
 @pytest.mark.slow
@@ -114,7 +114,7 @@ def test_failing_mode_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     failed, *swept = result["records"]
     assert failed["status"] == "error" and "--nvme-path" in failed["error"] and failed["micro_batch"] == 2
     assert [(r["mode"], r["micro_batch"], r["status"]) for r in swept] == [("ds-zero1", 2, "ok"), ("ds-zero1", 3, "ok")]
-    assert (tmp_path / "runs" / "1gpu_ds-zero1_mb3.log").exists()
+    assert swept[1]["log"].endswith("_1gpu_ds-zero1_mb3.log") and (tmp_path / swept[1]["log"]).exists()
 
 
 def _ok(mode: str, micro_batch: int, tokens: float) -> dict:
@@ -141,7 +141,7 @@ def test_best_micro_batch_per_mode_and_ratios_against_peers(suite: ModuleType) -
     ]  # fmt: skip
 
     best = suite.best_runs(records)
-    assert best[(1, "ds-zero3")]["micro_batch"] == 8 and best[(1, "fsdp2")]["micro_batch"] == 8
+    assert best[(1, "ds-zero3", "1.3b")]["micro_batch"] == 8 and best[(1, "fsdp2", "1.3b")]["micro_batch"] == 8
     row = next(line for line in suite.best_table(records).splitlines() if "| ds-zero3 |" in line)
     assert row.endswith("| 3.00x | 1.12x |"), row  # 45k / DeepSpeed's 15k, 45k / FSDP2's best 40k
-    assert "| 1 | ds-zero3 | 16 | oom: CUDA out of memory |" in suite.runs_table(records)
+    assert "| 1 | ds-zero3 |  | eager | 16 |  | oom: CUDA out of memory |" in suite.runs_table(records)

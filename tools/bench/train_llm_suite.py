@@ -5,8 +5,9 @@
         [any train_llm.py option: --model 6.7b --compile --activation-checkpointing --grad-accum 8 ...]
 
 Every (GPU count, mode, micro-batch) runs in its own ``torchrun --standalone`` process
-group, in its own session, killed whole after ``--timeout`` seconds, so peak memory and
-compile caches are its own and nothing it leaves behind holds the GPU for the next run.
+group, in its own session, killed whole after ``--timeout`` seconds, so peak memory is its
+own and nothing it leaves behind holds the GPU for the next run (Inductor's on-disk cache is
+shared: a layer graph compiled once loads in seconds in later runs with the same shapes).
 A sweep stops growing a mode's micro-batch at its first failure; running out of GPU
 memory is recorded as ``oom``, anything else with the tail of its output, and the suite
 goes on with the next mode. DeepSpeed modes are skipped on ``--device cpu``.
@@ -67,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     sizes.add_argument("--micro-batch", type=int, help="one micro-batch for every mode (default 4)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per run before it is killed")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--append", action="store_true", help="add to DIR/train_llm.json's runs instead of replacing")
     args, passthrough = parser.parse_known_args(argv)
     args.micro_batches = args.sweep_micro_batch or [args.micro_batch or 4]
     return args, passthrough
@@ -98,7 +100,7 @@ def _failure(tail: list[str], returncode: int | None) -> str:
 def run_one(mode: str, gpus: int, micro_batch: int, args: argparse.Namespace, passthrough: list[str]) -> Record:
     runs = args.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    stem = f"{gpus}gpu_{mode}_mb{micro_batch}"
+    stem = f"{len(list(runs.glob('*.log'))):03d}_{gpus}gpu_{mode}_mb{micro_batch}"  # unique with --append
     results, log = runs / f"{stem}.jsonl", runs / f"{stem}.log"
     results.unlink(missing_ok=True)
     command = [
@@ -116,14 +118,17 @@ def run_one(mode: str, gpus: int, micro_batch: int, args: argparse.Namespace, pa
             proc.wait()
             returncode = None
     records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    ran = {"options": " ".join(passthrough), "log": f"runs/{log.name}"}
     oom = next((r for r in records if r.get("status") == "oom"), None)
     if oom is not None:
-        return oom
+        return {**oom, **ran}
     if returncode == 0 and records:
-        return records[-1]
+        return {**records[-1], **ran}
     tail = _tail(log)
-    return {"mode": mode, "gpus": gpus, "micro_batch": micro_batch, "status": "error",
-            "error": _failure(tail, returncode), "error_tail": "\n".join(tail)}  # fmt: skip
+    error = _failure(tail, returncode)
+    status = "oom" if "out of memory" in error.lower() and "host" not in error else "error"  # raised as another type
+    return {"mode": mode, "gpus": gpus, "micro_batch": micro_batch, "status": status,
+            "error": error, "error_tail": "\n".join(tail), **ran}  # fmt: skip
 
 
 def sweep(mode: str, gpus: int, args: argparse.Namespace, passthrough: list[str]) -> list[Record]:
@@ -145,11 +150,11 @@ def _summary(record: Record) -> str:
     return f"{record['status']}: {record.get('error', '')}"
 
 
-def best_runs(records: list[Record]) -> dict[tuple[int, str], Record]:
-    """Per (GPUs, mode): the fastest successful run, else the first failure."""
-    best: dict[tuple[int, str], Record] = {}
+def best_runs(records: list[Record]) -> dict[tuple[int, str, str], Record]:
+    """Per (GPUs, mode, model): the fastest successful run, else the first failure."""
+    best: dict[tuple[int, str, str], Record] = {}
     for record in records:
-        key = (record["gpus"], record["mode"])
+        key = (record["gpus"], record["mode"], record.get("model", ""))
         held = best.get(key)
         if held is None or (record["status"] == "ok" and (
             held["status"] != "ok" or record["tokens_per_s_per_gpu"] > held["tokens_per_s_per_gpu"]
@@ -168,24 +173,29 @@ def _ratio(record: Record, other: Record | None) -> str:
     return f"{record['tokens_per_s_per_gpu'] / other['tokens_per_s_per_gpu']:.2f}x"
 
 
+def _flags(record: Record) -> str:
+    flags = [name for key, name in (("compile", "compile"), ("activation_checkpointing", "ckpt")) if record.get(key)]
+    return "+".join(flags) or "eager"
+
+
 def best_table(records: list[Record]) -> str:
     best = best_runs(records)
     rows = [
-        "| GPUs | mode | model | mb | accum | tokens/s per GPU | MFU | peak GPU GiB | host peak GiB "
+        "| GPUs | mode | model | flags | mb | accum | tokens/s per GPU | MFU | peak GPU GiB | host peak GiB "
         "| vs DeepSpeed same stage | vs FSDP2 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for (gpus, mode), r in best.items():
+    for (gpus, mode, model), r in best.items():
         if r["status"] != "ok":
-            rows.append(f"| {gpus} | {mode} | {r.get('model', '')} | {r['micro_batch']} | {r.get('grad_accum', '')} "
+            rows.append(f"| {gpus} | {mode} | {model} | {_flags(r)} | {r['micro_batch']} | {r.get('grad_accum', '')} "
                         f"| {r['status']}: {r.get('error', '')[:120]} | | | | | |")  # fmt: skip
             continue
         peer_name = MODES[mode].peer
-        peer = best.get((gpus, peer_name)) if peer_name else None
-        fsdp = best.get((gpus, "fsdp2"))
+        peer = best.get((gpus, peer_name, model)) if peer_name else None
+        fsdp = best.get((gpus, "fsdp2", model))
         mfu = _number(100 * r["mfu"] if r.get("mfu") is not None else None, ".1f")
         rows.append(
-            f"| {gpus} | {mode} | {r['model']} | {r['micro_batch']} | {r['grad_accum']} "
+            f"| {gpus} | {mode} | {model} | {_flags(r)} | {r['micro_batch']} | {r['grad_accum']} "
             f"| {r['tokens_per_s_per_gpu']:,.0f} | {mfu}{'%' if mfu else ''} | {_number(r['peak_memory_gib'], '.1f')} "
             f"| {_number(r['host_peak_gib'], '.1f')} | {_ratio(r, peer)} | {_ratio(r, fsdp)} |"
         )
@@ -193,17 +203,32 @@ def best_table(records: list[Record]) -> str:
 
 
 def runs_table(records: list[Record]) -> str:
-    rows = ["| GPUs | mode | mb | result | peak GPU GiB | host peak GiB |", "| --- | --- | --- | --- | --- | --- |"]
+    rows = ["| GPUs | mode | model | flags | mb | accum | result | peak GPU GiB | host peak GiB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in records:
         peak = _number(r.get("peak_memory_gib"), ".1f")
-        rows.append(f"| {r['gpus']} | {r['mode']} | {r['micro_batch']} | {_summary(r)[:160]} | {peak} "
+        rows.append(f"| {r['gpus']} | {r['mode']} | {r.get('model', '')} | {_flags(r)} | {r['micro_batch']} "
+                    f"| {r.get('grad_accum', '')} | {_summary(r)[:160]} | {peak} "
                     f"| {_number(r.get('host_peak_gib'), '.1f')} |")  # fmt: skip
     return "\n".join(rows) + "\n"
 
 
-def report(records: list[Record], args: argparse.Namespace, passthrough: list[str]) -> tuple[dict[str, Any], str]:
-    done = [r for r in records if r["status"] == "ok"]
-    first = done[0] if done else {}
+def _shapes(records: list[Record]) -> str:
+    """One line per model measured (a suite may run several with --append)."""
+    shapes = {r["model"]: r for r in records if r["status"] == "ok"}
+    return (
+        "; ".join(
+            f"{name}: hidden {r['hidden']}, {r['layers']} layers, {r['heads']} heads, SwiGLU {r['ffn']}, vocabulary "
+            f"{r['vocab']}, sequence {r['seq']}, {r['warmup']} warm-up + {r['steps']} timed optimizer steps"
+            for name, r in shapes.items()
+        )
+        or "no run succeeded"
+    )
+
+
+def report(records: list[Record], args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    first = next((r for r in records if r["status"] == "ok"), {})
+    options = sorted({r.get("options", "") for r in records})
     meta = {
         "date": date.today().isoformat(),
         "gpu": first.get("gpu", "unknown"),
@@ -213,25 +238,17 @@ def report(records: list[Record], args: argparse.Namespace, passthrough: list[st
         "deepspeed": _version("deepspeed"),
         "transformers": _version("transformers"),
         "micro_batches": args.micro_batches,
-        "train_llm_args": passthrough,
+        "train_llm_options": options,
     }
-    shape = (
-        f"{first['model']} model (hidden {first['hidden']}, {first['layers']} layers, {first['heads']} heads, "
-        f"SwiGLU {first['ffn']}, vocabulary {first['vocab']}, sequence {first['seq']}), "
-        f"{first['warmup']} warm-up + {first['steps']} timed optimizer steps, compile {first['compile']}, "
-        f"activation checkpointing {first['activation_checkpointing']}"
-        if first
-        else "no run succeeded"
-    )
     text = (
         f"# Llama-style decoder training throughput ({meta['date']}, {meta['gpu']})\n\n"
         f"torch {meta['torch']}, ds {meta['ds-core']}, DeepSpeed {meta['deepspeed']}, transformers "
-        f"{meta['transformers']}; host RAM {_number(meta['host_ram_gib'], '.0f')} GiB. {shape}; bf16 with fp32 "
-        f"master weights, AdamW, clipping 1.0, random tokens. Micro-batches tried: {args.micro_batches} (a mode "
-        f"stops at its first failure). train_llm.py options: `{' '.join(passthrough) or 'defaults'}`. "
+        f"{meta['transformers']}; host RAM {_number(meta['host_ram_gib'], '.0f')} GiB. {_shapes(records)}. "
+        "bf16 with fp32 master weights, AdamW, clipping 1.0, random tokens; a mode's micro-batch sweep stops at its "
+        f"first failure. train_llm.py options: {', '.join(f'`{o}`' if o else 'defaults' for o in options)}. "
         "MFU = tokens/s x (6 N_matmul + 12 L h s) / 989 TFLOP/s (recomputation not counted). Host peak: "
-        "VmHWM summed over ranks. Ratios compare each mode's best micro-batch with the peer's best.\n\n"
-        "## Best micro-batch per mode\n\n" + best_table(records) + "\n## Every run\n\n" + runs_table(records)
+        "VmHWM summed over ranks. Ratios compare each mode's best run with the peer's best (same GPUs and model).\n\n"
+        "## Best run per mode\n\n" + best_table(records) + "\n## Every run\n\n" + runs_table(records)
     )
     return meta, text
 
@@ -245,8 +262,10 @@ def main(argv: list[str] | None = None) -> None:
         modes = [m for m in modes if m not in skipped]
         if skipped:
             print(f"skipping {', '.join(skipped)}: DeepSpeed runs on CUDA only", flush=True)
-    records = [record for gpus in args.gpus for mode in modes for record in sweep(mode, gpus, args, passthrough)]
-    meta, text = report(records, args, passthrough)
+    earlier = args.out / "train_llm.json"
+    records = json.loads(earlier.read_text())["records"] if args.append and earlier.exists() else []
+    records += [record for gpus in args.gpus for mode in modes for record in sweep(mode, gpus, args, passthrough)]
+    meta, text = report(records, args)
     (args.out / "train_llm.json").write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
     (args.out / "train_llm.md").write_text(text)
     print(text, flush=True)
