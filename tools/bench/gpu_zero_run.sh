@@ -38,7 +38,7 @@ $py -m ds.core.cli report > "$LOGS/ds-report.txt" 2>&1
 if [[ -n "${GPU_TESTS:-}" ]]; then
     $py -m pytest -q -p no:cacheprovider packages/zero/tests/test_gpu_stages.py 2>&1 | tee "$LOGS/gpu-tests.log" | tail -15
 fi
-$py tools/bench/train_llm_suite.py --out "$WORK" "$@" 2>&1 | tee -a "$WORK/suite.log" | grep -v '^|' | tail -40
+$py tools/bench/train_llm_suite.py --out "$WORK" "$@" 2>&1 | tee -a "$WORK/suite.log" | grep -E ' mb [0-9]+: |^skipping' | cut -c1-400
 status=${PIPESTATUS[0]}
 sed -n '/^## Best/,/^## Every/p' "$WORK/train_llm.md" 2>/dev/null
 cp "$WORK/suite.log" "$OUT/"
