@@ -12,6 +12,11 @@ region and its hooks stay outside the graph.
 parameter names and its place in the model are unchanged, so ``fully_shard`` per block,
 checkpoints and kernel injection (which runs before, at order 600) keep working.
 Compilation itself is lazy, on the first forward.
+
+A Hugging Face model whose ``config.use_cache`` is on gets it switched off: a training
+step needs no KV cache, and the cache's per-layer index would make every block compile
+a graph of its own (beyond ``torch._dynamo.config.recompile_limit`` blocks, silently
+not at all). ``generate()`` still uses a cache, since it asks for one itself.
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 
 def compile_blocks(model: nn.Module, settings: CompileConfig) -> list[nn.Module]:
     """Compile each of ``model``'s repeated blocks in place (the model itself when it has none)."""
+    model_config = getattr(model, "config", None)
+    if getattr(model_config, "use_cache", False):
+        model_config.use_cache = False
+        logger.info("torch.compile: %s's config.use_cache switched off for training", type(model).__name__)
     blocks = repeated_blocks(model) or [model]
     for block in blocks:
         block.compile(backend=settings.backend, mode=settings.mode, fullgraph=settings.fullgraph,
