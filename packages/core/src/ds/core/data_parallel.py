@@ -9,6 +9,13 @@ When a parameter's dtype equals the reduction dtype, its ``.grad`` *is* a view i
 bucket (autograd accumulates in place, no copy). Otherwise (bf16 parameters reduced in
 fp32) a hook adds each fresh gradient into the fp32 bucket and drops it, which also
 makes accumulation over micro-steps happen in fp32.
+
+Bucket memory exists only inside an accumulation window: a bucket is allocated when its
+first gradient arrives and freed after the step, like torch's ``zero_grad(set_to_none=True)``.
+The next forward, when activations peak, therefore runs next to parameters, masters and
+optimizer state only. Where the optimizer needs gradients in another dtype than the
+reduction's (bf16 reduction, fp32 masters) the converted copy is made after the
+reduction and also dropped after the step.
 """
 
 from __future__ import annotations
@@ -38,11 +45,21 @@ DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
 @dataclass
 class _Bucket:
     params: list[nn.Parameter]
-    buffer: torch.Tensor
-    views: list[torch.Tensor]
+    numel: int
+    dtype: torch.dtype
+    device: torch.device
+    owned_by_views: bool
+    buffer: torch.Tensor | None = None
+    views: list[torch.Tensor] = field(default_factory=list)
     ready: int = 0
     work: Any = None
-    owned_by_views: bool = field(default=True)
+
+    def allocate(self) -> None:
+        self.buffer = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        self.views, offset = [], 0
+        for p in self.params:
+            self.views.append(self.buffer[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
 
 
 class DataParallelPartitioner(Partitioner):
@@ -61,14 +78,14 @@ class DataParallelPartitioner(Partitioner):
         broadcast_module_from_first_rank(self._comm, self._group, self.module)
         self._reduce_dtype = precision.reduce_dtype
         self._buckets = self._build_buckets(bucket_bytes, context.device)
-        self._slot = {id(p): (b, v) for b in self._buckets for p, v in zip(b.params, b.views, strict=True)}
+        self._slot = {id(p): (b, i) for b in self._buckets for i, p in enumerate(b.params)}
         self._sync_enabled = True
 
         if precision.has_master_copy:
             self._masters = [p.detach().to(precision.master_dtype).clone() for p in self._params]
         else:
             self._masters = self._params
-        self._attach_master_grads()
+        self._master_grads: list[torch.Tensor] = []
         self._segments = whole_segments([name for name, _ in self._named], self._masters)
         groups = context.param_groups_for(dict(zip(map(id, self._params), self._masters, strict=True)))
         self.optimizer = context.make_optimizer(groups)
@@ -89,37 +106,24 @@ class DataParallelPartitioner(Partitioner):
                 filled = 0
             buckets[-1].append(param)
             filled += param.numel() * element_size
-        result = []
-        for params in buckets:
-            buffer = torch.zeros(sum(p.numel() for p in params), dtype=self._reduce_dtype, device=device)
-            views, offset = [], 0
-            for p in params:
-                views.append(buffer[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
-            as_views = all(p.dtype == self._reduce_dtype for p in params)
-            if as_views:
-                for p, view in zip(params, views, strict=True):
-                    p.grad = view
-            result.append(_Bucket(params, buffer, views, owned_by_views=as_views))
-        return result
-
-    def _attach_master_grads(self) -> None:
-        self._master_grads: list[torch.Tensor] = []
-        self._grad_copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for master, param in zip(self._masters, self._params, strict=True):
-            view = self._slot[id(param)][1]
-            grad = view
-            if view.dtype != master.dtype:  # e.g. bf16 reduction feeding fp32 masters
-                grad = torch.zeros_like(master)
-                self._grad_copies.append((grad, view))
-            if master is not param:
-                master.grad = grad
-            self._master_grads.append(grad)
+        return [
+            _Bucket(
+                params,
+                numel=sum(p.numel() for p in params),
+                dtype=self._reduce_dtype,
+                device=device,
+                owned_by_views=all(p.dtype == self._reduce_dtype for p in params),
+            )
+            for params in buckets
+        ]
 
     # -- gradient synchronisation -------------------------------------------------
 
     def _on_grad_ready(self, param: torch.Tensor) -> None:
-        bucket, view = self._slot[id(param)]
+        bucket, index = self._slot[id(param)]
+        if bucket.buffer is None:
+            bucket.allocate()
+        view = bucket.views[index]
         grad = param.grad
         if grad is not None and grad.data_ptr() != view.data_ptr():
             # bf16 parameters reduced in fp32, or the user reset .grad behind our back.
@@ -132,6 +136,9 @@ class DataParallelPartitioner(Partitioner):
             self._launch(bucket)
 
     def _launch(self, bucket: _Bucket) -> None:
+        if bucket.buffer is None:  # no gradient reached it: reduce zeros with the others
+            bucket.allocate()
+        assert bucket.buffer is not None
         if self._predivide != 1.0:
             bucket.buffer.div_(self._predivide)
         bucket.work = self._comm.all_reduce(bucket.buffer, group=self._group, async_op=True)
@@ -148,9 +155,15 @@ class DataParallelPartitioner(Partitioner):
             self._comm.wait(bucket.work)
             bucket.work = None
             if post_scale != 1.0:
+                assert bucket.buffer is not None
                 bucket.buffer.mul_(post_scale)
-        for grad, view in self._grad_copies:
-            grad.copy_(view)
+        self._master_grads = []
+        for master, param in zip(self._masters, self._params, strict=True):
+            bucket, index = self._slot[id(param)]
+            view = bucket.views[index]
+            grad = view if view.dtype == master.dtype else view.to(master.dtype)  # e.g. bf16 reduction, fp32 masters
+            master.grad = grad
+            self._master_grads.append(grad)
 
     def owned_gradients(self) -> list[torch.Tensor]:
         return self._master_grads
@@ -165,11 +178,15 @@ class DataParallelPartitioner(Partitioner):
 
     def zero_grad(self) -> None:
         for bucket in self._buckets:
-            bucket.buffer.zero_()
+            if bucket.work is not None:  # a backward without step may have left reductions in flight
+                self._comm.wait(bucket.work)
+            bucket.buffer, bucket.views = None, []
             bucket.ready = 0
             bucket.work = None
-        for grad, _ in self._grad_copies:
-            grad.zero_()
+        for master, param in zip(self._masters, self._params, strict=True):
+            master.grad = None
+            param.grad = None
+        self._master_grads = []
 
     # -- checkpoints ----------------------------------------------------------------
 
@@ -192,7 +209,7 @@ class DataParallelPartitioner(Partitioner):
         param_bytes = sum(p.numel() * p.element_size() for p in self._params)
         if self._masters is not self._params:
             param_bytes += sum(m.numel() * m.element_size() for m in self._masters)
-        grad_bytes = sum(b.buffer.numel() * b.buffer.element_size() for b in self._buckets)
+        grad_bytes = sum(b.buffer.numel() * b.buffer.element_size() for b in self._buckets if b.buffer is not None)
         state_bytes = sum(
             t.numel() * t.element_size()
             for state in self.optimizer.state.values()

@@ -67,9 +67,19 @@ class FlatGroup:
         """Views of a full-size flat ``buffer`` shaped like each parameter."""
         return [buffer[o : o + p.numel()].view_as(p) for p, o in zip(self.params, self.offsets, strict=True)]
 
-    def refresh_owned_slice(self) -> torch.Tensor:
-        """This rank's updated master slice in compute dtype, ready to all-gather."""
-        return self.master.detach().to(self.full.dtype)
+    @property
+    def owned_slice(self) -> torch.Tensor:
+        """This rank's slice of ``full``: the input of the in-place parameter all-gather."""
+        return self.full[self.lo : self.hi]
+
+    def refresh_owned_slice(self) -> None:
+        """Write the updated master slice, in compute dtype, into this rank's slice of ``full``.
+
+        Writing in place (rather than returning a converted copy) lets the all-gather read
+        its input from its own output, so the refresh needs no temporary.
+        """
+        with torch.no_grad():
+            self.owned_slice.copy_(self.master)
 
     def __contains__(self, param: object) -> bool:
         return any(param is p for p in self.params)

@@ -14,6 +14,32 @@ refreshes everybody's compute-dtype parameters. With ``offload_optimizer`` the m
 slices, reduced gradients and optimizer state live on the CPU (:mod:`ds.zero.offload`).
 ZeRO++'s qgZ and qwZ replace the reduce-scatter and that all-gather with quantized ones
 (:mod:`ds.zero.zeropp`).
+
+Byte budget per rank (Ψ parameters, N data-parallel ranks, g bytes per reduced gradient
+element: 4 by default, 2 with ``communication_data_type: bf16``), checked on CPU by
+``packages/zero/tests/test_peak_memory.py``:
+
+================================  ==============  ===========================================
+what                              bytes           alive
+================================  ==============  ===========================================
+compute-dtype parameters          2Ψ              always (``FlatGroup.full``)
+fp32 master slice                 4Ψ/N            always (``FlatGroup.master``)
+Adam moments                      8Ψ/N            always, from the first step
+gradient buckets, stage 1         ≤ gΨ            first gradient of a bucket .. zero_grad
+gradient slice, stage 2           gΨ/N            first reduction of a bucket .. zero_grad
+full buckets, stage 2             ≤ open + 2      while a bucket fills and its reduction runs
+reduce-scatter scratch            ≤ 3 shards      stage 1; stage 2 after a window's first micro-step
+fp32 gradient copy (g = 2 only)   4Ψ/N            finish_gradient_sync .. zero_grad
+optimizer temporaries             0 .. 2 masters  fused Adam: none; torch's for-loop: 2 x largest
+parameter refresh                 0               all-gather in place from the owned slice
+================================  ==============  ===========================================
+
+So between steps, when the next forward builds its activations, a rank holds
+``2Ψ + 12Ψ/N`` and no gradient memory; the peak is that plus activations plus whatever
+gradients backward has produced by then (at most the stage's gradient row), or at the
+step ``2Ψ + 12Ψ/N`` + gradients + the fp32 copy. With g = 2 this is the ZeRO paper's
+``4Ψ + 12Ψ/N`` (stage 1) and ``2Ψ + 14Ψ/N`` (stage 2) plus the fp32 copy torch
+optimizers need for fp32 masters.
 """
 
 from __future__ import annotations
@@ -45,11 +71,16 @@ MAX_REDUCTIONS_IN_FLIGHT = 2
 
 
 class _BucketState:
-    """Gradient bookkeeping of one flat group.
+    """Gradient bookkeeping of one flat group; every buffer here exists only inside a window.
 
-    Stage 1 keeps a persistent full gradient buffer; after the reduce-scatter this rank's
-    slice of it holds the reduced gradient. Stage 2 allocates the full buffer only while
-    a backward fills it and accumulates reduced slices in ``shard_grad``.
+    ``full_grad`` (the whole bucket, reduce dtype) is allocated when the bucket's first
+    gradient of a window arrives. Stage 1 keeps it until the step, and after the
+    reduce-scatter its own slice, ``shard_grad``, holds the reduced gradient. Stage 2
+    frees it as soon as the reduce-scatter is done; ``shard_grad`` is then its own
+    buffer, created by the window's first reduction (which writes straight into it) and
+    accumulated into by later micro-steps. Both are dropped by ``release`` after the step,
+    so between steps, when the next forward builds its activations, no gradient memory
+    is held (as with torch's ``zero_grad(set_to_none=True)``).
     """
 
     def __init__(self, group: FlatGroup, reduce_dtype: torch.dtype, *, persistent_full: bool) -> None:
@@ -57,20 +88,28 @@ class _BucketState:
         self.dtype = reduce_dtype
         self.ready = 0
         self.full_grad: torch.Tensor | None = None
+        self.shard_grad: torch.Tensor | None = None
         self.views: list[torch.Tensor] = []
         self.pending: tuple[Any, torch.Tensor] | None = None
         self.launched = False  # reduced at least once since the last zero_grad
         self.persistent_full = persistent_full
-        if persistent_full:
-            self.allocate()
-            assert self.full_grad is not None
-            self.shard_grad = self.full_grad[group.lo : group.hi]
-        else:
-            self.shard_grad = torch.zeros(group.shard_numel, dtype=reduce_dtype, device=group.full.device)
 
     def allocate(self) -> None:
         self.full_grad = torch.zeros(self.group.padded_numel, dtype=self.dtype, device=self.group.full.device)
         self.views = self.group.param_views(self.full_grad)
+        if self.persistent_full:
+            self.shard_grad = self.full_grad[self.group.lo : self.group.hi]
+
+    def reduced_gradient(self) -> torch.Tensor:
+        """This rank's summed gradient slice; zeros when nothing reached the bucket."""
+        if self.shard_grad is None:
+            self.shard_grad = torch.zeros(self.group.shard_numel, dtype=self.dtype, device=self.group.full.device)
+        return self.shard_grad
+
+    def release(self) -> None:
+        self.ready = 0
+        self.launched = False
+        self.full_grad, self.shard_grad, self.views = None, None, []
 
 
 class ShardedOptimizerPartitioner(Partitioner):
@@ -134,10 +173,17 @@ class ShardedOptimizerPartitioner(Partitioner):
                 self._launch(bucket)
 
     def _launch(self, bucket: _BucketState) -> None:
+        if bucket.full_grad is None:  # a bucket no gradient reached: reduce zeros with the others
+            bucket.allocate()
         assert bucket.full_grad is not None
-        out = torch.empty_like(bucket.shard_grad)
+        # Stage 2's first reduction of a window writes straight into the (new) gradient
+        # slice; later ones, and stage 1 (whose slice is part of the input), need a scratch.
+        first_of_window = not bucket.persistent_full and bucket.shard_grad is None
+        out = torch.empty(bucket.group.shard_numel, dtype=bucket.dtype, device=bucket.full_grad.device)
+        if first_of_window:
+            bucket.shard_grad = out
         work = self._reduce_scatter(out, bucket.full_grad, group=self._group, async_op=True)
-        bucket.pending = (work, out)
+        bucket.pending = (work, None if first_of_window else out)
         bucket.ready = 0
         bucket.launched = True
         # Bound the reduce-scatter buffers alive at once: finish the oldest before more pile up.
@@ -148,15 +194,18 @@ class ShardedOptimizerPartitioner(Partitioner):
     def _drain(self, bucket: _BucketState) -> None:
         if bucket.pending is None:
             return
-        work, out = bucket.pending
+        work, scratch = bucket.pending
         self._comm.wait(work)
         bucket.pending = None
         if bucket in self._in_flight:
             self._in_flight.remove(bucket)
-        if bucket.persistent_full:
-            bucket.shard_grad.copy_(out)  # one reduction per window: the slice becomes the sum
-        else:
-            bucket.shard_grad.add_(out)
+        if scratch is not None:
+            assert bucket.shard_grad is not None
+            if bucket.persistent_full:
+                bucket.shard_grad.copy_(scratch)  # one reduction per window: the slice becomes the sum
+            else:
+                bucket.shard_grad.add_(scratch)
+        if not bucket.persistent_full:
             bucket.full_grad, bucket.views = None, []
 
     def set_gradient_sync(self, enabled: bool) -> None:
@@ -169,16 +218,17 @@ class ShardedOptimizerPartitioner(Partitioner):
     def finish_gradient_sync(self) -> None:
         for bucket in self._buckets:
             # Buckets holding parameters unused in this window never completed in a hook.
-            unreduced = not bucket.launched if bucket.persistent_full else bucket.pending is None and bucket.ready
+            unreduced = not bucket.launched if bucket.persistent_full else bucket.pending is None and bucket.ready > 0
             if unreduced:
                 self._launch(bucket)
         for index, bucket in enumerate(self._buckets):
             self._drain(bucket)
-            bucket.shard_grad.div_(self._world)
+            grad = bucket.reduced_gradient().div_(self._world)
             if self._host is not None:
-                self._host.receive_gradient(index, bucket.shard_grad)
+                self._host.receive_gradient(index, grad)
             else:
-                grad = bucket.shard_grad
+                # torch optimizers want gradients in the master dtype: a bf16 reduction costs
+                # an fp32 copy of the slice, alive until zero_grad.
                 bucket.group.master.grad = grad if grad.dtype == bucket.group.master.dtype else grad.float()
         if self._host is not None:
             self._host.gradients_arrived()
@@ -191,27 +241,31 @@ class ShardedOptimizerPartitioner(Partitioner):
     def step(self) -> None:
         if self._host is None:
             self.optimizer.step()
-            self._all_gather_params([g.refresh_owned_slice() for g in self._groups])
+            for group in self._groups:
+                group.refresh_owned_slice()
+            self._all_gather_params()
         else:
             self._all_gather_params(self._host.step(self.optimizer))
 
-    def _all_gather_params(self, owned_slices: list[torch.Tensor]) -> None:
+    def _all_gather_params(self, owned_slices: list[torch.Tensor] | None = None) -> None:
+        """Refresh every rank's full parameters from the owned slices.
+
+        Without ``owned_slices`` each group's own slice of ``full`` is the input (an
+        in-place all-gather), so the refresh allocates nothing.
+        """
         works = [
-            self._all_gather(g.full, owned, group=self._group, async_op=True)
-            for g, owned in zip(self._groups, owned_slices, strict=True)
+            self._all_gather(g.full, g.owned_slice if owned_slices is None else owned_slices[i],
+                             group=self._group, async_op=True)
+            for i, g in enumerate(self._groups)
         ]
         for work in works:
             self._comm.wait(work)
 
     def zero_grad(self) -> None:
         for bucket in self._buckets:
-            bucket.ready = 0
-            bucket.launched = False
+            self._drain(bucket)  # a backward without step may have left reductions in flight
+            bucket.release()
             bucket.group.master.grad = None
-            if bucket.full_grad is not None:
-                bucket.full_grad.zero_()
-            if not bucket.persistent_full:
-                bucket.shard_grad.zero_()
 
     # -- checkpoints and accounting ---------------------------------------------------------
 
@@ -223,7 +277,9 @@ class ShardedOptimizerPartitioner(Partitioner):
         load_masters(reader, self._segments)
         load_optimizer_state(self.optimizer, reader, self._segments)
         store_loaded_moments(self.optimizer)
-        self._all_gather_params([g.refresh_owned_slice().to(g.full.device) for g in self._groups])
+        for group in self._groups:
+            group.refresh_owned_slice()
+        self._all_gather_params()
 
     def gather_full_parameters(self) -> dict[str, torch.Tensor]:
         result = {}
@@ -240,7 +296,7 @@ class ShardedOptimizerPartitioner(Partitioner):
             return 0 if t is None else t.numel() * t.element_size()
 
         params = sum(nbytes(g.full) + nbytes(g.master) for g in self._groups)
-        # Persistent gradient storage; the fp32 copy made for the optimizer step is transient.
+        # Gradient storage in the reduce dtype; the fp32 copy a bf16 reduction makes for the step is not counted.
         grads = sum(nbytes(b.full_grad) + (0 if b.persistent_full else nbytes(b.shard_grad)) for b in self._buckets)
         state = sum(nbytes(v) for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
         return {"params": params, "gradients": grads, "optimizer": state}
