@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     parser.add_argument("--compile-backend", default="inductor", help="aot_eager checks composition without codegen")
+    parser.add_argument("--ds-kernels", choices=("none", "loss", "all"), default="none",
+                        help="ds modes: fused linear cross-entropy (loss) and also injected norm kernels (all)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer in backward")
     parser.add_argument("--nvme-path", type=Path, help="folder on a fast disk for *-offload-nvme modes")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -123,6 +125,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         args.model, {dim: getattr(args, dim) for dim in ("hidden", "layers", "heads", "ffn", "vocab", "seq")}
     )
     config = engine_config(mode, micro_batch=args.micro_batch, grad_accum=args.grad_accum, nvme_path=args.nvme_path)
+    if config is not None and mode.framework == "ds" and args.ds_kernels != "none":
+        config["kernels"] = {"inject": args.ds_kernels == "all", "fused_cross_entropy": True}
     model = build_model(shape, mode, device, config)
     n_params, n_matmul = total_params(model), matmul_params(model)
     if args.activation_checkpointing:
@@ -182,6 +186,7 @@ def describe(args: argparse.Namespace) -> dict[str, Any]:
         "micro_batch": args.micro_batch,
         "grad_accum": args.grad_accum,
         "compile": args.compile,
+        "ds_kernels": args.ds_kernels,
         "activation_checkpointing": args.activation_checkpointing,
         "warmup": args.warmup,
         "steps": args.steps,

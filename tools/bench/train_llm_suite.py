@@ -175,6 +175,8 @@ def _ratio(record: Record, other: Record | None) -> str:
 
 def _flags(record: Record) -> str:
     flags = [name for key, name in (("compile", "compile"), ("activation_checkpointing", "ckpt")) if record.get(key)]
+    if record.get("ds_kernels", "none") != "none":
+        flags.append(f"ds-kernels={record['ds_kernels']}")
     return "+".join(flags) or "eager"
 
 
