@@ -34,7 +34,7 @@ from torch.distributed.distributed_c10d import PrefixStore
 
 from ds.core.comm.collective_log import CollectiveLog, CollectiveRecord, CollectiveStats
 from ds.core.comm.protocol import CollectiveHandle
-from ds.core.comm.watchdog import HEARTBEAT_SECONDS, Collective, GroupInfo, Watchdog
+from ds.core.comm.watchdog import HEARTBEAT_SECONDS, Collective, GroupInfo, IsCompleted, Watchdog
 from ds.core.errors import DsError
 
 DEFAULT_TIMEOUT_SECONDS = 1800.0
@@ -49,9 +49,13 @@ _instance_numbers = itertools.count()
 
 
 class TorchCollectiveHandle:
-    """A collective issued with ``async_op=True``; :meth:`wait` is bounded by the timeout."""
+    """A collective issued with ``async_op=True``; :meth:`wait` is bounded by the timeout.
 
-    __slots__ = ("_collective", "_comm", "_done", "_record", "_work")
+    :meth:`wait` lets go of torch's work, which keeps the collective's tensors alive, so a
+    handle kept after waiting (in a bucket, a list of pending reductions) pins no memory.
+    """
+
+    __slots__ = ("_collective", "_comm", "_record", "_work")
 
     def __init__(
         self,
@@ -62,22 +66,26 @@ class TorchCollectiveHandle:
     ) -> None:
         self._comm = comm
         self._collective = collective
-        self._work = work
+        self._work: dist.Work | None = work
         self._record = record
-        self._done = False
 
     @property
     def work(self) -> dist.Work:
-        """torch's own handle, for ``get_future()`` and the like."""
+        """torch's own handle, for ``get_future()`` and the like; only until :meth:`wait`."""
+        if self._work is None:
+            raise DsError(
+                f"the torch work of {self._collective.op} #{self._collective.sequence} was released "
+                "when the handle was waited on; read handle.work before calling wait()."
+            )
         return self._work
 
     def wait(self) -> None:
-        if not self._done:
+        if self._work is not None:
             self._comm._complete(self._collective, self._work, self._record)
-            self._done = True
+            self._work = None
 
     def is_completed(self) -> bool:
-        return self._done or self._work.is_completed()
+        return self._work is None or self._work.is_completed()
 
 
 class TorchCommunicator:
@@ -269,7 +277,7 @@ class TorchCommunicator:
         work = launch()
         assert work is not None, "torch returns a work for every member of the group"
         if not self._blocking:
-            self._watchdog.watch(collective, work)
+            self._watchdog.watch(collective, work.is_completed)
         handle = TorchCollectiveHandle(self, collective, work, record)
         if async_op:
             return handle
@@ -286,8 +294,21 @@ class TorchCommunicator:
             except RuntimeError:
                 self._watchdog.raise_if_failed()  # the watchdog aborted the group: say why
                 raise
+            # On CPU the wait returned the result (gloo's work may still report itself
+            # incomplete for a moment); on accelerators it only ordered the stream.
+            if self._device.type == "cpu" or work.is_completed():
+                self._watchdog.finished(collective)
+            else:
+                self._watchdog.watch(collective, self._stream_probe())
         if record is not None and self._log is not None:
             self._log.finished(record, collective)
+
+    def _stream_probe(self) -> IsCompleted:
+        """Completion of the current stream so far, which ``work.wait()`` just ordered after the
+        collective: it finishes when the collective does, but unlike the work pins no tensor."""
+        event = torch.Event(device=self._device)
+        event.record(torch.accelerator.current_stream(self._device))
+        return event.query
 
     def _group_info(self, group: ProcessGroup | None) -> GroupInfo:
         info = self._groups.get(group)

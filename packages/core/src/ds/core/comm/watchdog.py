@@ -22,9 +22,16 @@ There are two ways of waiting, chosen by the communicator:
   (:meth:`Watchdog.wait`) and the error is raised right there;
 * watched (NCCL and other accelerators): blocking the CPU on every collective would
   serialise host and device, so callers never wait on the host; the heartbeat thread
-  also polls outstanding works with ``is_completed()``. When one is overdue it logs the
+  also polls outstanding collectives for completion. When one is overdue it logs the
   error, calls ``on_stall`` (the communicator aborts the group so the device stops
   waiting) and keeps the error, which the next communicator call raises.
+
+A torch work keeps its collective's tensors alive, so the watchdog holds one only until
+the collective is waited on: then it forgets a finished collective at once
+(:meth:`Watchdog.finished`) and swaps an unfinished one's work for a probe that pins no
+tensors (:meth:`Watchdog.watch` again, with a stream event). Holding works until the next
+poll would keep every temporary buffer (gradient buckets, gather outputs) alive for up
+to a heartbeat, about a training step, and raise peak memory by all of them.
 
 A collective is declared stalled ``timeout + grace`` seconds after it started; the grace
 (1.5 heartbeats) lets every live peer publish once more, so the diagnosis reads fresh
@@ -79,9 +86,9 @@ class GroupInfo:
         return f"group {self.label!r} (global ranks {list(self.ranks)})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Collective:
-    """One collective this rank entered."""
+    """One collective this rank entered; identity-hashed, so keying the watch list is cheap."""
 
     op: str
     group: GroupInfo
@@ -97,6 +104,10 @@ class Work(Protocol):
     def wait(self, timeout: timedelta = ...) -> bool: ...
 
     def is_completed(self) -> bool: ...
+
+
+IsCompleted = Callable[[], bool]
+"""How the heartbeat thread asks whether a watched collective finished, without blocking."""
 
 
 class Watchdog:
@@ -128,7 +139,7 @@ class Watchdog:
         self._store = store
         self._on_stall = on_stall
         self._entered: dict[str, tuple[int, str]] = {}
-        self._outstanding: list[tuple[Collective, Work]] = []
+        self._outstanding: dict[Collective, IsCompleted] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ds-comm-watchdog", daemon=True)
@@ -167,10 +178,19 @@ class Watchdog:
         self._entered[group.key] = (sequence, op)
         return Collective(op, group, sequence, time.monotonic())
 
-    def watch(self, collective: Collective, work: Work) -> None:
-        """Hand a collective's work to the heartbeat thread instead of waiting on it."""
+    def watch(self, collective: Collective, is_completed: IsCompleted) -> None:
+        """Have the heartbeat thread poll ``is_completed`` instead of waiting on the collective.
+
+        Watching a collective again replaces its probe: pass ``work.is_completed`` at
+        launch, then something that pins no tensors once the work has been waited on.
+        """
         with self._lock:
-            self._outstanding.append((collective, work))
+            self._outstanding[collective] = is_completed
+
+    def finished(self, collective: Collective) -> None:
+        """Forget a collective known to be complete, releasing whatever its probe kept alive."""
+        with self._lock:
+            self._outstanding.pop(collective, None)
 
     def wait(self, collective: Collective, work: Work) -> None:
         """Block until ``work`` completes or its deadline passes, then name the missing ranks."""
@@ -205,8 +225,8 @@ class Watchdog:
         now = time.monotonic()
         limit = self.timeout_seconds + self.grace_seconds
         with self._lock:
-            self._outstanding = [(c, w) for c, w in self._outstanding if not w.is_completed()]
-            overdue = next((c for c, _ in self._outstanding if now - c.started > limit), None)
+            self._outstanding = {c: done for c, done in self._outstanding.items() if not done()}
+            overdue = next((c for c in self._outstanding if now - c.started > limit), None)
             if overdue is not None:
                 self._outstanding.clear()
         if overdue is None or self.failure is not None:
