@@ -30,8 +30,9 @@ CORE = "core"
 INTEGRATION = "integration"
 TORCH = "torch==2.13.0"
 TEST_REQUIREMENTS = ("pytest>=8", "pytest-timeout>=2.3")
-# Extra test-only needs of one suite (ds-zero's export tests load Hugging Face models).
-SUITE_TEST_REQUIREMENTS = {"zero": ["transformers>=4.45"]}
+# Tests that build real Hugging Face models from configs (core's model transforms, ds-zero's
+# export, the training benchmark's smoke test) need transformers; nothing downloads.
+SUITE_TEST_REQUIREMENTS = {suite: ["transformers>=4.45"] for suite in ("core", "zero", "integration")}
 # A test that hangs (say, a collective that never completes) fails after this many
 # seconds instead of stalling the whole run.
 TEST_TIMEOUT_S = "900"
