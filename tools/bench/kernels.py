@@ -269,6 +269,34 @@ def markdown(env: dict[str, Any], copy_gbs: float, cases: list[Case]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_groups(groups: list[Callable[[], list[Case]]], reps: int, only: str = "") -> list[Case]:
+    """Time every case whose name contains ``only``, one group's inputs alive at a time."""
+    cases: list[Case] = []
+    for build in groups:
+        built = [case for case in build() if only in case.name]
+        for case in built:
+            run_case(case, reps)
+            print(case.name, {k: round(v, 3) for k, v in case.results_ms.items()}, case.errors or "", flush=True)
+        cases.extend(built)
+        del built
+        torch.cuda.empty_cache()
+    return cases
+
+
+def write_results(out: Path, prefix: str, env: dict[str, Any], copy_gbs: float, cases: list[Case], *,
+                  title: str = "ds kernels", extra: dict[str, Any] | None = None, footer: str = "") -> None:
+    """``<prefix>-<gpu>-<date>.json`` and ``.md`` under ``out``; the table is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{prefix}-{env['gpu'].replace(' ', '_')}-{env['date'][:10]}"
+    payload = {"environment": env, "copy_gbs": copy_gbs, **(extra or {}),
+               "cases": [{"name": c.name, "bytes_moved": c.bytes_moved, "results_ms": c.results_ms,
+                          "errors": c.errors} for c in cases]}
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+    table = markdown(env, copy_gbs, cases).replace("# ds kernels on", f"# {title} on", 1) + footer
+    (out / f"{stem}.md").write_text(table)
+    print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -296,25 +324,8 @@ def main() -> None:
         lambda: quantize_cases((1 << 27) // scale, 128),
         lambda: adam_cases(1_350_000_000 // scale, not args.no_deepspeed),
     ]
-    cases: list[Case] = []
-    for build in groups:
-        built = [case for case in build() if args.only in case.name]
-        for case in built:
-            run_case(case, reps)
-            print(case.name, {k: round(v, 3) for k, v in case.results_ms.items()}, case.errors or "", flush=True)
-        cases.extend(built)
-        del built
-        torch.cuda.empty_cache()
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"kernels-{env['gpu'].replace(' ', '_')}-{env['date'][:10]}"
-    payload = {"environment": env, "copy_gbs": copy_gbs,
-               "cases": [{"name": c.name, "bytes_moved": c.bytes_moved, "results_ms": c.results_ms,
-                          "errors": c.errors} for c in cases]}
-    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
-    table = markdown(env, copy_gbs, cases)
-    (args.out / f"{stem}.md").write_text(table)
-    print(table)
+    cases = run_groups(groups, reps, args.only)
+    write_results(args.out, "kernels", env, copy_gbs, cases)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ go to ``kernels-moe-<gpu>-<date>.json`` and ``.md`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from kernels import Case, compiled, copy_bandwidth_gbs, environment, markdown, run_case
+from kernels import Case, compiled, copy_bandwidth_gbs, environment, run_groups, write_results
 
 from ds.kernels.cuda import opdefs_moe
 
@@ -124,20 +123,9 @@ def main() -> None:
     copy_gbs = copy_bandwidth_gbs()
     print(f"{env['gpu']}: device-to-device copy {copy_gbs:.0f} GB/s", flush=True)
     capacity = math.ceil(args.capacity_factor * args.tokens * args.k / args.experts)
-    cases = routing_cases(args.tokens, args.hidden, args.experts, args.k, capacity)
-    for case in cases:
-        run_case(case, args.reps)
-        print(case.name, {k: round(v, 3) for k, v in case.results_ms.items()}, case.errors or "", flush=True)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"kernels-moe-{env['gpu'].replace(' ', '_')}-{env['date'][:10]}"
-    payload = {"environment": env, "copy_gbs": copy_gbs, "capacity": capacity,
-               "cases": [{"name": c.name, "bytes_moved": c.bytes_moved, "results_ms": c.results_ms,
-                          "errors": c.errors} for c in cases]}
-    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
-    table = markdown(env, copy_gbs, cases).replace("# ds kernels on", "# ds MoE routing kernels on", 1)
-    (args.out / f"{stem}.md").write_text(table)
-    print(table)
+    cases = run_groups([lambda: routing_cases(args.tokens, args.hidden, args.experts, args.k, capacity)], args.reps)
+    write_results(args.out, "kernels-moe", env, copy_gbs, cases, title="ds MoE routing kernels",
+                  extra={"capacity": capacity})
 
 
 if __name__ == "__main__":

@@ -16,12 +16,11 @@ eager and torch.compile. Timing, copy bandwidth and the table come from kernels.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from kernels import Case, Fn, compiled, copy_bandwidth_gbs, environment, markdown, run_case
+from kernels import Case, Fn, compiled, copy_bandwidth_gbs, environment, run_groups, write_results
 
 LAMB_BYTES_PER_PARAM = 40
 
@@ -127,26 +126,9 @@ def main() -> None:
         lambda: fp8_cases((1 << 28) // scale, 128),
         lambda: lamb_cases(1_300_000_000 // scale, not args.no_deepspeed),
     ]
-    cases: list[Case] = []
-    for build in groups:
-        built = [case for case in build() if args.only in case.name]
-        for case in built:
-            run_case(case, reps)
-            print(case.name, {k: round(v, 3) for k, v in case.results_ms.items()}, case.errors or "", flush=True)
-        cases.extend(built)
-        del built
-        torch.cuda.empty_cache()
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"kernels_optim-{env['gpu'].replace(' ', '_')}-{env['date'][:10]}"
-    payload = {"environment": env, "copy_gbs": copy_gbs,
-               "cases": [{"name": c.name, "bytes_moved": c.bytes_moved, "results_ms": c.results_ms,
-                          "errors": c.errors} for c in cases]}
-    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
-    table = markdown(env, copy_gbs, cases).replace("# ds kernels on", "# ds LAMB and fp8 kernels on", 1)
-    table += f"\nDeepSpeed: {env['deepspeed']}. `vs best torch` compares with the fastest torch variant.\n"
-    (args.out / f"{stem}.md").write_text(table)
-    print(table)
+    cases = run_groups(groups, reps, args.only)
+    write_results(args.out, "kernels_optim", env, copy_gbs, cases, title="ds LAMB and fp8 kernels",
+                  footer=f"\nDeepSpeed: {env['deepspeed']}. `vs best torch` compares with the fastest torch variant.\n")
 
 
 if __name__ == "__main__":
