@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ds.core.kernels import MeasurePolicy, install_kernels, reset_kernels
+from ds.core.testing.kernel_checks import poison, rel_error
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,25 +26,6 @@ pytestmark = [
 
 BOUND = {torch.float32: 3e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    assert not torch.isnan(out).any(), "NaN in the output: an element was not written"
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def poison() -> None:
-    """Fill memory the caching allocator will hand out next with 0xFF bytes (NaN in every float format).
-
-    torch keeps small (<= 1 MiB) and large allocations in separate pools: poison both.
-    """
-    free = torch.cuda.mem_get_info()[0]
-    blocks = [torch.empty(min(1 << 30, free // 4), dtype=torch.uint8, device="cuda")]
-    blocks += [torch.empty(1 << 19, dtype=torch.uint8, device="cuda") for _ in range(32)]
-    for block in blocks:
-        block.fill_(0xFF)
-    del blocks
 
 
 NATIVE_OPS = ("rms_norm", "rms_norm_backward", "layer_norm", "layer_norm_backward", "swiglu", "bias_gelu",
