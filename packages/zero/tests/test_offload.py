@@ -33,7 +33,7 @@ WORLD = 2
 
 
 def _config(stage: int, offload: dict[str, Any] | None, *, gas: int = 1, clip: float = 0.0,
-            bf16: bool = False) -> dict[str, Any]:
+            bf16: bool = False, reduce_dtype: str | None = None) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": stage, "reduce_bucket_size": 700, "stage3_param_persistence_threshold": 0}
     if offload is not None:
         zero["offload_optimizer"] = offload
@@ -45,6 +45,7 @@ def _config(stage: int, offload: dict[str, Any] | None, *, gas: int = 1, clip: f
         "gradient_clipping": clip,
         "steps_per_print": 1000,
         "bf16": {"enabled": bf16},
+        "communication_data_type": reduce_dtype,
         "zero_optimization": zero,
     }
 
@@ -82,6 +83,7 @@ def _train(config: dict[str, Any], first_step: int, steps: int, load_dir: str | 
         "state_keys_in_memory": in_memory,
         "master_devices": {str(p.device) for g in optimizer.param_groups for p in g["params"]},
         "fsdp_offload": _fsdp_offload_policies(engine.module),
+        "host_gradient_dtype": str(getattr(getattr(engine.partitioner, "_host", None), "gradient_dtype", None)),
     }
 
 
@@ -115,14 +117,19 @@ def _assert_close(result: dict[str, Any], reference: dict[str, Any], rtol: float
                                    msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize(("stage", "gas", "clip", "bf16"),
-                         [(1, 2, 0.5, False), (2, 1, 1.0, False), (2, 2, 1.0, True)])
-def test_cpu_offload_follows_no_offload(stage: int, gas: int, clip: float, bf16: bool) -> None:
-    offloaded = _run(_config(stage, {"device": "cpu", "pin_memory": True}, gas=gas, clip=clip, bf16=bf16))
-    reference = _run(_config(stage, None, gas=gas, clip=clip, bf16=bf16))
+@pytest.mark.parametrize(("stage", "gas", "clip", "bf16", "reduce_dtype"),
+                         [(1, 2, 0.5, False, None), (2, 1, 1.0, False, None), (2, 2, 1.0, True, None),
+                          (2, 2, 1.0, True, "bf16")])
+def test_cpu_offload_follows_no_offload(stage: int, gas: int, clip: float, bf16: bool,
+                                        reduce_dtype: str | None) -> None:
+    offloaded = _run(_config(stage, {"device": "cpu", "pin_memory": True}, gas=gas, clip=clip, bf16=bf16,
+                             reduce_dtype=reduce_dtype))
+    reference = _run(_config(stage, None, gas=gas, clip=clip, bf16=bf16, reduce_dtype=reduce_dtype))
     for result, ref in zip(offloaded, reference, strict=True):
         assert result["optimizer"] == "CPUAdam" and ref["optimizer"] == "AdamW"
         assert result["master_devices"] == {"cpu"}
+        # bf16 reductions reach CPU Adam as bf16: 2 bytes a parameter of host memory saved
+        assert result["host_gradient_dtype"] == ("torch.bfloat16" if reduce_dtype == "bf16" else "torch.float32")
         _assert_close(result, ref, 2e-2 if bf16 else 1e-5)
     assert not torch.allclose(reference[0]["params"]["head.weight"], make_model().head.weight)
 

@@ -28,11 +28,9 @@ pool; ``io_uring`` or ``linux_aio`` forces one kernel interface.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import importlib
-import mmap
 import os
 import warnings
 from dataclasses import dataclass
@@ -44,13 +42,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ds.core.errors import ConfigError
+from ds.zero.host_memory import anonymous_empty, page_locked_empty
 
 ALIGNMENT = 4096
 """Byte alignment of O_DIRECT addresses, sizes and offsets (covers 512 B and 4 KiB blocks)."""
 
 BACKEND_ENV = "DS_AIO_BACKEND"
 THREADS = "threads"
-_HUGE_PAGE = 2 << 20
 BackendName = Literal["auto", "io_uring", "linux_aio", "threads"]
 
 _NATIVE_MODULE = "ds.zero._aio"
@@ -65,30 +63,14 @@ def aligned_empty(nbytes: int, *, pin: bool | None = None) -> torch.Tensor:
     """An uninitialised uint8 CPU tensor whose address is a multiple of :data:`ALIGNMENT`.
 
     ``pin`` (default: whether CUDA is available) page-locks it so copies to and from the
-    GPU run at full speed without a staging copy. Unpinned buffers of 2 MiB or more are
-    backed by transparent huge pages where the kernel allows: O_DIRECT pins every page of
-    a transfer, and pinning 2 MiB pages instead of 4 KiB ones nearly doubled the read
-    throughput of ``tools/bench/aio.py`` on a virtio disk.
+    GPU run at full speed without a staging copy; buffers of 2 MiB or more sit on huge
+    pages where the kernel allows (:func:`ds.zero.host_memory.anonymous_empty` says why).
     """
     if pin is None:
         pin = torch.cuda.is_available()
-    if not pin and nbytes >= _HUGE_PAGE:
-        return _huge_page_backed(nbytes)
-    storage = torch.empty(nbytes + ALIGNMENT, dtype=torch.uint8, pin_memory=pin)
-    start = -storage.data_ptr() % ALIGNMENT
-    return storage[start:start + nbytes]
-
-
-def _huge_page_backed(nbytes: int) -> torch.Tensor:
-    # Private anonymous memory (shared anonymous maps are shmem, which THP mostly skips),
-    # advised before first touch and sliced at a huge-page boundary. The tensor keeps the
-    # mapping alive; it is unmapped when the last view goes.
-    region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(AttributeError, OSError):  # no THP on this platform or kernel
-        region.madvise(mmap.MADV_HUGEPAGE)
-    storage = torch.frombuffer(region, dtype=torch.uint8)
-    start = -storage.data_ptr() % _HUGE_PAGE
-    return storage[start:start + nbytes]
+    if pin:
+        return page_locked_empty(nbytes, torch.uint8)
+    return anonymous_empty(nbytes)
 
 
 class AioConfig(BaseModel):

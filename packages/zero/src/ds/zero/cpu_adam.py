@@ -63,12 +63,12 @@ class _CPUOptimizer(torch.optim.Optimizer):
     @overload
     def step(self, closure: None = None, *,
              low_precision_params: Sequence[torch.Tensor | None] | None = None,
-             grad_multiplier: float = 1.0) -> None: ...
+             grad_multiplier: float = 1.0, after_update: Callable[[int], None] | None = None) -> None: ...
 
     @overload
     def step(self, closure: Callable[[], float], *,
              low_precision_params: Sequence[torch.Tensor | None] | None = None,
-             grad_multiplier: float = 1.0) -> float: ...
+             grad_multiplier: float = 1.0, after_update: Callable[[int], None] | None = None) -> float: ...
 
     @torch.no_grad()
     def step(
@@ -77,12 +77,15 @@ class _CPUOptimizer(torch.optim.Optimizer):
         *,
         low_precision_params: Sequence[torch.Tensor | None] | None = None,
         grad_multiplier: float = 1.0,
+        after_update: Callable[[int], None] | None = None,
     ) -> float | None:
         """Update every parameter that has a gradient.
 
         ``low_precision_params``: one bf16/fp16 tensor or None per parameter, in
         ``param_groups`` order, each receiving the updated parameter in the same pass.
         ``grad_multiplier``: every gradient is multiplied by it first.
+        ``after_update``: called with a parameter's index (in that order) once it is
+        updated, so a caller can start copying it out while the next one is computed.
         """
         loss = None
         if closure is not None:
@@ -95,20 +98,21 @@ class _CPUOptimizer(torch.optim.Optimizer):
                 f"optimizer has {count} parameters; pass one tensor (or None) per parameter "
                 "in param_groups order."
             )
-        index = 0
         for group in self.param_groups:
             self._check_group(group)
-            for param in group["params"]:
-                copy = low_precision_params[index] if low_precision_params is not None else None
-                index += 1
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    self._init_state(group, param, state)
-                state["step"] += 1
-                self._update(group, param, state, copy, grad_multiplier)
+        pairs = [(group, param) for group in self.param_groups for param in group["params"]]
+        for index, (group, param) in enumerate(pairs):
+            if param.grad is None:
+                continue
+            state = self.state[param]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                self._init_state(group, param, state)
+            state["step"] += 1
+            copy = low_precision_params[index] if low_precision_params is not None else None
+            self._update(group, param, state, copy, grad_multiplier)
+            if after_update is not None:
+                after_update(index)
         return loss
 
     def _check_group(self, group: dict[str, Any]) -> None:

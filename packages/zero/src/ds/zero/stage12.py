@@ -154,6 +154,8 @@ class ShardedOptimizerPartitioner(Partitioner):
             context.make_optimizer(master_groups) if self._host is None
             else build_host_optimizer(context.make_optimizer, master_groups, offload, rank)
         )
+        if self._host is not None:
+            self._host.use_optimizer(self.optimizer, self._reduce_dtype)
         self._segments = [s for g in self._groups for s in g.segments]
         self.gradient_norm_group = self._group
         for _, param in named:
@@ -245,7 +247,8 @@ class ShardedOptimizerPartitioner(Partitioner):
                 group.refresh_owned_slice()
             self._all_gather_params()
         else:
-            self._all_gather_params(self._host.step(self.optimizer))
+            self._host.step(self.optimizer)
+            self._all_gather_params()
 
     def _all_gather_params(self, owned_slices: list[torch.Tensor] | None = None) -> None:
         """Refresh every rank's full parameters from the owned slices.

@@ -139,8 +139,8 @@ class Engine(nn.Module):
         """The global L2 norm of the true (loss-scale-free) gradients; inf on overflow."""
         device = self.comm.device
         if grads:
-            norms = torch._foreach_norm(grads, 2.0)
-            total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0) ** 2
+            norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)  # bf16 gradients: a norm in fp32
+            total = torch.linalg.vector_norm(torch.stack(norms), 2.0) ** 2
         else:
             total = torch.zeros((), device=device)
         total = total.to(device=device, dtype=torch.float32)

@@ -1,0 +1,49 @@
+"""Page-locked host buffers (``ds.zero.host_memory``) on a CUDA machine: CUDA sees them as
+pinned, asynchronous copies through them are exact, and they do not come from torch's pinned
+pool (which would round 2**27 + 1 floats up to 2**28)."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from ds.zero.host_memory import PAGE, page_locked_empty
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize(("numel", "dtype"), [(2**27 + 1, torch.float32), (12345, torch.bfloat16), (1, torch.float32)])
+def test_page_locked_round_trip(numel: int, dtype: torch.dtype) -> None:
+    host = page_locked_empty(numel, dtype)
+    assert host.shape == (numel,) and host.dtype == dtype and host.is_pinned()
+    assert host.data_ptr() % PAGE == 0
+    source = torch.randn(numel, device="cuda").to(dtype)
+    host.copy_(source, non_blocking=True)
+    back = torch.full_like(source, float("nan"))
+    torch.cuda.current_stream().synchronize()
+    back.copy_(host, non_blocking=True)
+    torch.cuda.current_stream().synchronize()
+    assert torch.equal(back, source)
+
+
+def test_page_locked_memory_bypasses_torchs_rounding_allocator() -> None:
+    """The buffer is registered memory, not a block of torch's pinned pool (which rounds
+    2**27 + 1 floats up to 1 GiB); a fallback to that pool would show in its statistics."""
+    before = _pool_bytes()
+    host = page_locked_empty(2**27 + 1, torch.float32)
+    assert host.is_pinned()
+    assert _pool_bytes() == before
+    pool = torch.empty(2**27 + 1, dtype=torch.float32, pin_memory=True)  # the statistic does move
+    assert _pool_bytes() > before
+    del host, pool
+    gc.collect()
+
+
+def _pool_bytes() -> int:
+    stats = torch.cuda.host_memory_stats()
+    for key in ("allocated_bytes.current", "allocated_bytes.all.current"):
+        if key in stats:
+            return int(stats[key])
+    raise AssertionError(f"torch's host allocator statistics lack allocated bytes: {sorted(stats)}")
