@@ -10,13 +10,16 @@ parameter refresh after the step is one all-gather per bucket.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ds.core.state_names import Segment
+
+MasterFactory = Callable[[torch.Tensor], torch.Tensor]
+"""Builds a rank's fp32 master slice from its compute-dtype slice of ``full``."""
 
 # Parameter -> its group, for ds.zero.GatheredParameters; neither side keeps the other alive.
 _GROUP_OF_PARAM: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
@@ -33,6 +36,7 @@ class FlatGroup:
         rank: int,
         param_dtype: torch.dtype,
         device: torch.device,
+        make_master: MasterFactory | None = None,
     ) -> None:
         self.names = [name for name, _ in named_params]
         self.params = [p for _, p in named_params]
@@ -54,7 +58,8 @@ class FlatGroup:
                 view.copy_(p.detach())
                 p.data = view
                 _GROUP_OF_PARAM[p] = weakref.ref(self)
-        self.master = self.full[self.lo : self.hi].detach().float().clone()
+        owned = self.full[self.lo : self.hi].detach()
+        self.master = owned.float().clone() if make_master is None else make_master(owned)
         self.segments = list(self._segments())
 
     def _segments(self) -> Iterator[Segment]:
@@ -100,6 +105,7 @@ def build_flat_groups(
     rank: int,
     param_dtype: torch.dtype,
     device: torch.device,
+    make_master: MasterFactory | None = None,
 ) -> list[FlatGroup]:
     """Cut parameters (in reverse registration order, the order backward produces
     gradients) into buckets of about ``bucket_numel`` elements."""
@@ -112,7 +118,7 @@ def build_flat_groups(
         buckets[-1].append((name, param))
         filled += param.numel()
     return [
-        FlatGroup(bucket, world=world, rank=rank, param_dtype=param_dtype, device=device)
+        FlatGroup(bucket, world=world, rank=rank, param_dtype=param_dtype, device=device, make_master=make_master)
         for bucket in buckets
         if bucket
     ]

@@ -3,15 +3,17 @@
 With ``offload_optimizer: {device: cpu}`` (or ``nvme``) a rank keeps only the
 compute-dtype parameters and the gradient buckets on its accelerator. Per optimizer step:
 
-1. each flat group's reduced gradient slice is copied into a CPU buffer (pinned and
-   non-blocking when ``pin_memory`` is set and CUDA is available; one stream sync
-   before the engine reads the gradient norm);
-2. the optimizer updates the CPU master slice. An Adam, AdamW or Adagrad optimizer (from
+1. the fp32 master slices are built in host memory (page-locked at their exact size when
+   ``pin_memory`` is set and CUDA is available, :mod:`ds.zero.host_memory`);
+2. each flat group's reduced gradient slice is copied into a host buffer (non-blocking;
+   one stream sync before the engine reads the gradient norm);
+3. the optimizer updates the CPU master slices. An Adam, AdamW or Adagrad optimizer (from
    the config or passed to ``initialize``) runs as :class:`~ds.zero.cpu_adam.CPUAdam` or
-   :class:`~ds.zero.cpu_adam.CPUAdagrad`, which write the bf16/fp16 copy of the slice in
-   the same pass, as DeepSpeed turns Adam into DeepSpeedCPUAdam; any other optimizer
-   runs as itself on the CPU tensors;
-3. the compute-dtype slice is copied to the device and all-gathered as without offload.
+   :class:`~ds.zero.cpu_adam.CPUAdagrad`, as DeepSpeed turns Adam into DeepSpeedCPUAdam,
+   writing the bf16/fp16 copy of each slice into a staging buffer in the same pass; that
+   copy goes into the device parameters while the next slice is updated. Any other
+   optimizer runs as itself on the CPU tensors;
+4. the device parameters are all-gathered in place as without offload.
 
 With ``nvme`` the Adam moments live in files under ``nvme_path`` between steps
 (:class:`~ds.zero.disk_adam.DiskStateAdam`). Checkpoints are unchanged: the segments
@@ -23,7 +25,6 @@ DTensor shards, which the CPU optimizers update through their local tensors.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 from typing import TYPE_CHECKING, Any
@@ -120,17 +121,23 @@ class HostMasters:
 
     STAGING_BUFFERS = 2
 
-    def __init__(self, groups: list[FlatGroup], offload: OffloadConfig) -> None:
-        self.groups = groups
+    def __init__(self, offload: OffloadConfig) -> None:
         self.pin = pin_host_memory(offload)
-        for group in groups:
-            host = host_empty(group.shard_numel, torch.float32, pin=self.pin).copy_(group.master)
-            group.master = host
-            group.segments = [dataclasses.replace(s, master=host) for s in group.segments]
-        self._grads: list[torch.Tensor | None] = [None] * len(groups)
+        self.groups: list[FlatGroup] = []
+        self._grads: list[torch.Tensor | None] = []
         self.gradient_dtype = torch.float32
         self._staging: list[torch.Tensor] = []
         self._copies_done: list[torch.cuda.Event | None] = [None] * self.STAGING_BUFFERS
+
+    def make_master(self, owned: torch.Tensor) -> torch.Tensor:
+        """A flat group's fp32 master slice, built straight in host memory (on the device
+        first, a 13B model's masters alone would take 52 GB there before moving)."""
+        return host_empty(owned.numel(), torch.float32, pin=self.pin).copy_(owned)
+
+    def attach(self, groups: list[FlatGroup]) -> None:
+        """The flat groups (built with :meth:`make_master`) whose steps run here."""
+        self.groups = groups
+        self._grads = [None] * len(groups)
 
     def use_optimizer(self, optimizer: torch.optim.Optimizer, reduce_dtype: torch.dtype) -> None:
         """Keep bf16-reduced gradients in bf16 on the host when ds's CPU optimizers read them.

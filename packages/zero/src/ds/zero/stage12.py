@@ -128,6 +128,8 @@ class ShardedOptimizerPartitioner(Partitioner):
         named = named_trainable_parameters(self.module)
         broadcast_module_from_first_rank(self._comm, self._group, self.module)
         rank = dist.get_rank(self._group)
+        offload = zero.offload_optimizer
+        self._host = HostMasters(offload) if offload.device != "none" else None
         owned_groups: dict[int, list[FlatGroup]] = {}
         self._groups: list[FlatGroup] = []
         for index, user_group in enumerate(context.param_groups or [{"params": [p for _, p in named]}]):
@@ -139,6 +141,7 @@ class ShardedOptimizerPartitioner(Partitioner):
                 rank=rank,
                 param_dtype=precision.param_dtype,
                 device=context.device,
+                make_master=None if self._host is None else self._host.make_master,
             )
             owned_groups[index] = groups
             self._groups.extend(groups)
@@ -146,8 +149,8 @@ class ShardedOptimizerPartitioner(Partitioner):
         self._bucket_of = {id(p): (b, i) for b in self._buckets for i, p in enumerate(b.group.params)}
         self._sync_enabled = True
         self._in_flight: list[_BucketState] = []
-        offload = zero.offload_optimizer
-        self._host = HostMasters(self._groups, offload) if offload.device != "none" else None
+        if self._host is not None:
+            self._host.attach(self._groups)
         user_groups = context.param_groups or [{"params": [p for _, p in named]}]
         master_groups = [{**g, "params": [fg.master for fg in owned_groups[i]]} for i, g in enumerate(user_groups)]
         self.optimizer = (
