@@ -16,10 +16,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize(("numel", "dtype"), [(2**27 + 1, torch.float32), (12345, torch.bfloat16), (1, torch.float32)])
 def test_page_locked_round_trip(numel: int, dtype: torch.dtype) -> None:
+    source = torch.randn(numel, device="cuda").to(dtype)  # torch's is_pinned asks CUDA only once it is initialised
     host = page_locked_empty(numel, dtype)
     assert host.shape == (numel,) and host.dtype == dtype and host.is_pinned()
     assert host.data_ptr() % PAGE == 0
-    source = torch.randn(numel, device="cuda").to(dtype)
     host.copy_(source, non_blocking=True)
     back = torch.full_like(source, float("nan"))
     torch.cuda.current_stream().synchronize()
@@ -31,6 +31,7 @@ def test_page_locked_round_trip(numel: int, dtype: torch.dtype) -> None:
 def test_page_locked_memory_bypasses_torchs_rounding_allocator() -> None:
     """The buffer is registered memory, not a block of torch's pinned pool (which rounds
     2**27 + 1 floats up to 1 GiB); a fallback to that pool would show in its statistics."""
+    torch.cuda.init()
     before = _pool_bytes()
     host = page_locked_empty(2**27 + 1, torch.float32)
     assert host.is_pinned()
