@@ -31,6 +31,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import train_llm
 from train_llm_modes import MODES
 
 HERE = Path(__file__).resolve().parent
@@ -127,8 +128,15 @@ def run_one(mode: str, gpus: int, micro_batch: int, args: argparse.Namespace, pa
     tail = _tail(log)
     error = _failure(tail, returncode)
     status = "oom" if "out of memory" in error.lower() and "host" not in error else "error"  # raised as another type
-    return {"mode": mode, "gpus": gpus, "micro_batch": micro_batch, "status": status,
+    return {"mode": mode, "gpus": gpus, "micro_batch": micro_batch, **_requested(passthrough), "status": status,
             "error": error, "error_tail": "\n".join(tail), **ran}  # fmt: skip
+
+
+def _requested(passthrough: list[str]) -> Record:
+    """The model and flags a run was asked for, so a run that failed is reported under them."""
+    args = train_llm.parse_args(["--mode", "ds-zero2", "--out", "-", *passthrough])
+    return {"model": args.model, "grad_accum": args.grad_accum, "compile": args.compile,
+            "activation_checkpointing": args.activation_checkpointing, "ds_kernels": args.ds_kernels}
 
 
 def sweep(mode: str, gpus: int, args: argparse.Namespace, passthrough: list[str]) -> list[Record]:

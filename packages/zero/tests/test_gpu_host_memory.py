@@ -1,10 +1,11 @@
-"""Page-locked host buffers (``ds.zero.host_memory``) on a CUDA machine: CUDA sees them as
-pinned, asynchronous copies through them are exact, and they do not come from torch's pinned
+"""Page-locked host buffers (``ds.zero.host_memory``) on a CUDA machine: copies into them
+are asynchronous and exact, and they do not come from torch's pinned
 pool (which would round 2**27 + 1 floats up to 2**28)."""
 
 from __future__ import annotations
 
 import gc
+import time
 
 import pytest
 import torch
@@ -16,9 +17,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize(("numel", "dtype"), [(2**27 + 1, torch.float32), (12345, torch.bfloat16), (1, torch.float32)])
 def test_page_locked_round_trip(numel: int, dtype: torch.dtype) -> None:
-    source = torch.randn(numel, device="cuda").to(dtype)  # torch's is_pinned asks CUDA only once it is initialised
+    source = torch.randn(numel, device="cuda").to(dtype)
     host = page_locked_empty(numel, dtype)
-    assert host.shape == (numel,) and host.dtype == dtype and host.is_pinned()
+    assert host.shape == (numel,) and host.dtype == dtype
     assert host.data_ptr() % PAGE == 0
     host.copy_(source, non_blocking=True)
     back = torch.full_like(source, float("nan"))
@@ -28,13 +29,28 @@ def test_page_locked_round_trip(numel: int, dtype: torch.dtype) -> None:
     assert torch.equal(back, source)
 
 
+def test_copies_into_page_locked_memory_do_not_wait_for_the_gpu() -> None:
+    """A device-to-host copy into pageable memory returns only once it is done, so behind
+    ~100 ms of queued GPU work it blocks the caller that long; into locked memory it is
+    queued and returns at once. (torch's ``is_pinned`` knows only its own pool's blocks.)"""
+    source = torch.randn(2**24, device="cuda")
+    host = page_locked_empty(source.numel(), torch.float32)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~100 ms of GPU clock cycles
+    start = time.perf_counter()
+    host.copy_(source, non_blocking=True)
+    returned_after = time.perf_counter() - start
+    torch.cuda.synchronize()
+    assert returned_after < 0.03, f"the copy blocked the caller for {returned_after * 1e3:.0f} ms"
+    assert torch.equal(host, source.cpu())
+
+
 def test_page_locked_memory_bypasses_torchs_rounding_allocator() -> None:
     """The buffer is registered memory, not a block of torch's pinned pool (which rounds
     2**27 + 1 floats up to 1 GiB); a fallback to that pool would show in its statistics."""
     torch.cuda.init()
     before = _pool_bytes()
     host = page_locked_empty(2**27 + 1, torch.float32)
-    assert host.is_pinned()
     assert _pool_bytes() == before
     pool = torch.empty(2**27 + 1, dtype=torch.float32, pin_memory=True)  # the statistic does move
     assert _pool_bytes() > before
