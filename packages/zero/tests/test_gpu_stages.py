@@ -5,6 +5,8 @@ device, bf16 gradients on the host when the reduction is bf16)."""
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from ds.core.testing.parity import train_rank
 pytestmark = pytest.mark.gpu
 
 
-def _config(stage: int, offload: bool = False, reduce_dtype: str | None = None) -> dict:
+def _config(stage: int, offload: str | None = None, reduce_dtype: str | None = None) -> dict:
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 2,
@@ -25,16 +27,17 @@ def _config(stage: int, offload: bool = False, reduce_dtype: str | None = None) 
         "communication_data_type": reduce_dtype,
         "zero_optimization": {"stage": stage, "reduce_bucket_size": 700, "stage3_param_persistence_threshold": 0},
     }
-    if offload:
-        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload is not None:
+        folder = tempfile.mkdtemp(prefix="ds-gpu-nvme-") if offload == "nvme" else None
+        config["zero_optimization"]["offload_optimizer"] = {"device": offload, "nvme_path": folder, "pin_memory": True}
     return config
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(("stage", "offload", "reduce_dtype"),
-                         [(1, False, None), (2, False, None), (3, False, None), (1, True, None), (2, True, "bf16"),
-                          (3, True, None)])
-def test_stage_on_cuda_matches_data_parallel(stage: int, offload: bool, reduce_dtype: str | None) -> None:
+                         [(1, None, None), (2, None, None), (3, None, None), (1, "cpu", None), (2, "cpu", "bf16"),
+                          (3, "cpu", None), (2, "nvme", "bf16"), (3, "nvme", None)])
+def test_stage_on_cuda_matches_data_parallel(stage: int, offload: str | None, reduce_dtype: str | None) -> None:
     (reference,) = run_distributed(train_rank, 1, _config(0, reduce_dtype=reduce_dtype), 10)
     (result,) = run_distributed(train_rank, 1, _config(stage, offload, reduce_dtype), 10)
     torch.testing.assert_close(torch.tensor(result[0]), torch.tensor(reference[0]), rtol=2e-2, atol=1e-3)
