@@ -4,12 +4,12 @@
 
 Memory-bound ops (norms, quantizers) are reported like tools/bench/kernels.py does: time,
 GB/s over the fewest bytes the op must move, and the fraction of the card's measured
-device-to-device copy bandwidth (target: >= 85%). ``woq_matmul`` at batch 1 is compared
-with a bf16 ``F.linear`` of the same shape: eager (CUDA events around one call, so launch
-overhead counts) and inside a CUDA graph of 20 calls (GPU time only, as decoding loops run
-it); target: int4 at least 3x faster than bf16. The run also records which backend core's
-timing picks for each op (``ds report``'s reason). Results go to
-``kernels-triton-<gpu>-<date>.json`` and ``.md`` under ``--out``.
+device-to-device copy bandwidth (target: >= 85%). ``woq_matmul`` at batch 1 and 4 (the
+Triton and the CUDA-native kernel) is compared with a bf16 ``F.linear`` of the same shape:
+eager (CUDA events around one call, so launch overhead counts) and inside a CUDA graph of 20
+calls (GPU time only, as decoding loops run it); target: int4 at least 3x faster than bf16.
+The run also records which backend core's timing picks for each op (``ds report``'s reason).
+Results go to ``kernels-triton-<gpu>-<date>.json`` and ``.md`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import Case, compiled, copy_bandwidth_gbs, environment, run_case, time_ms  # noqa: E402
 
 WOQ_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
-"""(K, N): x [1, K] times a weight [N, K] (nn.Linear's layout): attention, MLP up, MLP down, a 70B MLP up."""
+"""(K, N): x [M, K] times a weight [N, K] (nn.Linear's layout): attention, MLP up, MLP down, a 70B MLP up."""
+WOQ_ROWS = (1, 4)
+"""M: decoding one sequence, and a batch of four (the CUDA kernels' largest)."""
 
 GRAPH_CALLS = 20
 
@@ -118,19 +120,20 @@ def graph_time_ms(fn: Callable[[], Any], reps: int) -> float:
     return time_ms(graph.replay, reps=reps) / GRAPH_CALLS
 
 
-def woq_row(k: int, n: int, reps: int) -> dict[str, Any]:
-    """bf16 F.linear and int4/int8 (symmetric, groups of 128) woq_matmul of x [1, K] by a [N, K] weight."""
+def woq_row(m: int, k: int, n: int, reps: int) -> dict[str, Any]:
+    """bf16 F.linear and int4/int8 (symmetric, groups of 128) woq_matmul of x [M, K] by a [N, K] weight."""
     from ds.kernels.cuda.triton_kernels.opdefs import quantize_weight
-    from ds.kernels.cuda.triton_kernels.woq_matmul import woq_matmul
 
     weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     variants: dict[str, tuple[Callable[[], Any], int]] = {"bf16 F.linear": (lambda: F.linear(x, weight), 2 * n * k)}
+    kernels = backend_kernels("woq_matmul")
     for bits in (4, 8):
         q, s, _ = quantize_weight(weight, bits, 128, True)
-        variants[f"int{bits} woq_matmul"] = (lambda q=q, s=s, b=bits: woq_matmul(x, q, s, None, b, 128),
-                                             n * k * bits // 8 + s.numel() * 4)
-    row: dict[str, Any] = {"shape": f"K={k} N={n}", "results": {}}
+        for backend, woq_matmul in kernels.items():
+            variants[f"int{bits} woq_matmul {backend}"] = (
+                lambda f=woq_matmul, q=q, s=s, b=bits: f(x, q, s, None, b, 128), n * k * bits // 8 + s.numel() * 4)
+    row: dict[str, Any] = {"shape": f"M={m} K={k} N={n}", "results": {}}
     for label, (fn, weight_bytes) in variants.items():
         try:
             fn()  # autotunes before any timing or capture
@@ -144,9 +147,10 @@ def woq_row(k: int, n: int, reps: int) -> dict[str, Any]:
 
 def woq_rows(reps: int) -> list[dict[str, Any]]:
     rows = []
-    for k, n in WOQ_SHAPES:
-        rows.append(woq_row(k, n, reps))
-        torch.cuda.empty_cache()
+    for m in WOQ_ROWS:
+        for k, n in WOQ_SHAPES:
+            rows.append(woq_row(m, k, n, reps))
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -167,7 +171,7 @@ def markdown(env: dict[str, Any], copy_gbs: float, cases: list[Case], woq: list[
             lines.append(f"| {case.name} | {label} | {ms:.3f} | {gbs:.0f} | {gbs / copy_gbs:.0%} | "
                          f"{best_torch / ms:.2f}x |")
         lines += [f"| {case.name} | {label} | failed: {error[:120]} | | | |" for label, error in case.errors.items()]
-    lines += ["", "## woq_matmul at batch 1 vs bf16 (target: int4 >= 3x)", "",
+    lines += ["", "## woq_matmul at batch 1 and 4 vs bf16 (target: int4 >= 3x)", "",
               "| shape | implementation | eager ms | graphed ms | weight GB/s (graphed) | of copy | vs bf16 graphed |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in woq:
@@ -215,7 +219,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"kernels-triton-{env['gpu'].replace(' ', '_')}-{env['date'][:10]}"
-    payload = {"environment": env, "copy_gbs": copy_gbs, "woq_matmul_batch1": woq,
+    payload = {"environment": env, "copy_gbs": copy_gbs, "woq_matmul_decode": woq,
                "cases": [{"name": c.name, "bytes_moved": c.bytes_moved, "results_ms": c.results_ms,
                           "errors": c.errors} for c in cases]}
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2))

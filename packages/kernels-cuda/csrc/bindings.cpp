@@ -155,6 +155,12 @@ PYBIND11_MODULE(_C, m) {
     check(ds::dequantize_blockwise(codes, scales, offsets, y, numel, group_size, bits, symmetric, dtype, s),
           "dequantize_blockwise");
   });
+  m.attr("WOQ_MAX_ROWS") = ds::kWoqMaxRows;
+  m.def("woq_matmul", [](Ptr x, Ptr codes, Ptr scales, Ptr offsets, Ptr y, int64_t m_rows, int64_t n, int64_t k,
+                         int group_size, int bits, bool symmetric, int dtype, Stream s) {
+    check(ds::woq_matmul(x, codes, scales, offsets, y, m_rows, n, k, group_size, bits, symmetric, dtype, s),
+          "woq_matmul");
+  });
 
   m.def("cross_entropy_fwd_bwd", [](Ptr logits, int64_t row_stride, Ptr target, Ptr loss, Ptr lse, int64_t rows,
                                     int64_t vocab, int64_t ignore_index, float label_smoothing, float grad_scale,

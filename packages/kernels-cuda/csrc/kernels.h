@@ -179,4 +179,14 @@ const char* cross_entropy_fwd_bwd(Ptr logits, std::int64_t row_stride, Ptr targe
                                   std::int64_t rows, std::int64_t vocab, std::int64_t ignore_index,
                                   float label_smoothing, float grad_scale, int dtype, std::uintptr_t stream);
 
+// ---- weight-only quantized matmul (woq_matmul.cu) ------------------------------------------
+// y[m, n] = sum_k x[m, k] * w[n, k] for decoding (1 <= m <= kWoqMaxRows), accumulated in float32;
+// x [m, k] and y [m, n] of `dtype`, 16-byte aligned. w is block-quantized along k as
+// quantize_blockwise stores it, one row after another (k a multiple of group_size):
+// codes [n, k * bits / 8] bytes, scales and (asymmetric only) offsets float32 [n, k / group_size];
+// w = code * scale (+ offset).
+constexpr int kWoqMaxRows = 4;
+const char* woq_matmul(Ptr x, Ptr codes, Ptr scales, Ptr offsets, Ptr y, std::int64_t m, std::int64_t n,
+                       std::int64_t k, int group_size, int bits, bool symmetric, int dtype, std::uintptr_t stream);
+
 }  // namespace ds

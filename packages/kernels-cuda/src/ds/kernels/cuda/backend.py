@@ -24,6 +24,7 @@ from . import (
     launch_moe,
     launch_norms,
     launch_quantize,
+    launch_woq,
 )
 from ._native import NativeLibrary
 
@@ -48,6 +49,7 @@ LAUNCHERS: dict[str, Callable[..., Any]] = {
     "moe_permute_backward": launch_moe.moe_permute_backward,
     "moe_unpermute": launch_moe.moe_unpermute,
     "moe_unpermute_backward": launch_moe.moe_unpermute_backward,
+    "woq_matmul": launch_woq.woq_matmul,
 }
 """Each op the compiled kernels implement, and the launcher that runs it."""
 

@@ -1,0 +1,486 @@
+// ds::woq_matmul for decoding: y[M, N] = x[M, K] @ W^T with M <= 4 and W an int4/int8
+// block-quantized [N, K] weight (layout in kernels.h). At these M a matmul is one pass over the
+// weight, so the kernels are built around reading the codes once, in 16-byte streaming loads
+// (L1 bypassed, 256-byte L2 lines), with the integer codes turned into exact floats in
+// registers and each group's scale applied to its partial sum in float32.
+//
+// Two designs, each the measured best of its range on an H100 (weights rotated through more
+// than 4x the L2, back-to-back launches, against cuBLAS bf16 of the same shape):
+// * M = 1, SIMT: a warp owns 2 rows, lanes stride K with 16-byte code loads (32 int4 / 16 int8
+//   codes), two loads per row in flight, fp32 FMAs, one warp-shuffle reduction; 4 warps a
+//   block. int4 symmetric: 3.40x cuBLAS at K=8192 N=28672 (91% of copy bandwidth), 2.72x at
+//   K=4096 N=11008, 2.66x at K=11008 N=4096, 2.37x at 4096x4096; one row per warp reached
+//   2.52x / 2.07x / 2.17x / 1.89x, and the tensor-core design below 3.41x / 2.28x / 2.14x / 1.96x.
+// * 2 <= M <= 4, tensor cores (sm_80+, bf16/fp16 x): at M = 4 the SIMT design falls to
+//   0.7-1.8x cuBLAS (x is re-read per row and FMAs grow with M), while mma.m16n8k16 with 16
+//   weight rows as A and the x rows as B columns costs the same at M = 4 as at M = 1. A block
+//   takes 16 rows and splits K over 8 warps (k-block kb -> warp kb % 8) that meet once in
+//   shared memory: int4 symmetric at M = 4 ran 3.04x / 2.36x / 2.49x / 2.19x, int8 1.91x /
+//   1.68x / 1.62x / 1.50x, ahead of 4 warps (3.21x / 2.21x / 2.08x / 1.92x; int8 1.86x / 1.31x
+//   / 1.38x / 1.32x) everywhere but int4 at the largest shape.
+// The tensor-core design needs a k-block (64 code bytes per row: 128 int4 / 64 int8 codes)
+// inside one group, since one mma sums over the whole k-block before the scale is applied;
+// smaller groups, float32 x, GPUs before sm_80 and HIP take the SIMT design with 4 rows per
+// warp, the best SIMT variant at M = 4 (int4: 1.58-1.76x cuBLAS vs 1.26-1.29x for 2 rows).
+#include <type_traits>
+
+#include "dtypes.h"
+#include "kernels.h"
+#include "reduce.h"
+
+#if defined(DS_KERNELS_HIP)
+#define DS_WOQ_BOUNDS(threads) __launch_bounds__(threads)
+#else
+// At least 512 threads resident per multiprocessor: enough loads in flight to cover DRAM latency.
+#define DS_WOQ_BOUNDS(threads) __launch_bounds__(threads, 512 / (threads))
+#endif
+
+namespace ds {
+namespace {
+
+constexpr int kSimtWarps = 4;
+constexpr int kMmaWarps = 8;
+constexpr int kMmaUnroll = 4;    // k-blocks per warp whose loads are issued before any math
+constexpr int kKBlockBytes = 64;  // code bytes of one row in one mma k-block (16 per lane of a quad)
+
+template <typename T>
+struct WoqArgs {
+  const T* x;                  // [M, K]
+  const std::uint8_t* codes;   // [N, K * bits / 8]
+  const float* scales;         // [N, K / group]
+  const float* offsets;        // [N, K / group], asymmetric only
+  T* y;                        // [M, N]
+  int n, k, group_shift;       // group = 1 << group_shift
+};
+
+// Weight codes are read exactly once: no L1 allocation, 256-byte L2 lines.
+__device__ __forceinline__ uint4 load_codes(const std::uint8_t* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+#else
+  return __ldg(reinterpret_cast<const uint4*>(p));
+#endif
+}
+
+#if !defined(DS_KERNELS_HIP)
+// The 16-bit float type of the tensor-core path: the exact-code magic numbers and its
+// paired FMA, mma and packing. A code OR-ed into the mantissa of 2^7 (bf16) or 2^10 (fp16),
+// whose unit in the last place is 1, is 2^e + code exactly; one paired FMA (x * 1 - bias)
+// lands on the code. Symmetric nibbles are XOR-ed with 8 first (two's complement v -> v + 8),
+// which the bias takes back.
+template <typename T>
+struct Half16;
+
+template <>
+struct Half16<bf16> {
+  static constexpr std::uint32_t kOne = 0x3F803F80u;
+  static constexpr std::uint32_t kMagicAsym = 0x43004300u, kMagicSym = 0x43084308u;
+  static constexpr std::uint32_t kBiasAsym = 0xC300C300u, kBiasSym = 0xC308C308u;  // -128, -136
+  __device__ __forceinline__ static std::uint32_t fma2(std::uint32_t a, std::uint32_t b, std::uint32_t c) {
+    std::uint32_t d = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+#else
+    __trap();
+#endif
+    return d;
+  }
+  __device__ __forceinline__ static void mma(float (&d)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
+                                             std::uint32_t a3, std::uint32_t b0, std::uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+  }
+  __device__ __forceinline__ static std::uint32_t pack2(float lo, float hi) { return pack_bf16x2(lo, hi); }
+};
+
+template <>
+struct Half16<__half> {
+  static constexpr std::uint32_t kOne = 0x3C003C00u;
+  static constexpr std::uint32_t kMagicAsym = 0x64006400u, kMagicSym = 0x64086408u;
+  static constexpr std::uint32_t kBiasAsym = 0xE400E400u, kBiasSym = 0xE408E408u;  // -1024, -1032
+  __device__ __forceinline__ static std::uint32_t fma2(std::uint32_t a, std::uint32_t b, std::uint32_t c) {
+    std::uint32_t d = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+#else
+    __trap();
+#endif
+    return d;
+  }
+  __device__ __forceinline__ static void mma(float (&d)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
+                                             std::uint32_t a3, std::uint32_t b0, std::uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+  }
+  __device__ __forceinline__ static std::uint32_t pack2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<std::uint32_t*>(&h);
+  }
+};
+
+// Eight int4 codes of a word -> four exact pairs (code j, code j + 4), j = 0..3: pairing j
+// with j + 4 makes each pair one shift and one LOP3 before the FMA.
+template <typename H, bool SYM>
+__device__ __forceinline__ void int4_pairs(std::uint32_t q, std::uint32_t (&p)[4]) {
+  constexpr std::uint32_t kMagic = SYM ? H::kMagicSym : H::kMagicAsym;
+  constexpr std::uint32_t kBias = SYM ? H::kBiasSym : H::kBiasAsym;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) p[j] = H::fma2(((q >> (4 * j)) & 0x000F000Fu) ^ kMagic, H::kOne, kBias);
+}
+#endif  // !DS_KERNELS_HIP
+
+// Eight int4 codes of a word as floats, in element order.
+template <bool SYM>
+__device__ __forceinline__ void int4_floats(std::uint32_t q, float (&f)[8]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  std::uint32_t p[4];
+  int4_pairs<Half16<bf16>, SYM>(q, p);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    f[j] = __uint_as_float(p[j] << 16);
+    f[j + 4] = __uint_as_float(p[j] & 0xFFFF0000u);
+  }
+#else
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int v = static_cast<int>((q >> (4 * j)) & 0xFu);
+    f[j] = static_cast<float>(SYM ? (v ^ 8) - 8 : v);
+  }
+#endif
+}
+
+// Four int8 codes of a word as floats: a byte placed under the exponent of 2^23 is 2^23 + code
+// exactly (one PRMT and one FADD each).
+template <bool SYM>
+__device__ __forceinline__ void int8_floats(std::uint32_t q, float (&f)[4]) {
+#if defined(DS_KERNELS_HIP)
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const std::uint32_t b = (q >> (8 * j)) & 0xFFu;
+    f[j] = SYM ? static_cast<float>(static_cast<int>(b ^ 0x80u) - 128) : static_cast<float>(b);
+  }
+#else
+  if (SYM) q ^= 0x80808080u;
+  const float bias = SYM ? 8388736.f : 8388608.f;
+  f[0] = __uint_as_float(__byte_perm(q, 0x4B000000u, 0x7540)) - bias;
+  f[1] = __uint_as_float(__byte_perm(q, 0x4B000000u, 0x7541)) - bias;
+  f[2] = __uint_as_float(__byte_perm(q, 0x4B000000u, 0x7542)) - bias;
+  f[3] = __uint_as_float(__byte_perm(q, 0x4B000000u, 0x7543)) - bias;
+#endif
+}
+
+// SIMT design: a block is kSimtWarps warps of R rows each. Lane l of a warp takes 16-byte
+// chunks l, l + 32, ... of each row (a chunk lies in one group: groups are >= 32 codes); the
+// x word of a chunk is converted once and used for all R rows.
+template <typename T, int BITS, bool SYM, int M, int R, int UNROLL>
+__global__ void DS_WOQ_BOUNDS(kSimtWarps * 32) woq_gemv_simt(WoqArgs<T> a) {
+  constexpr int kCodesPerLane = BITS == 4 ? 32 : 16;
+  const int lane = threadIdx.x & 31;
+  const int row0 = (blockIdx.x * kSimtWarps + (threadIdx.x >> 5)) * R;
+  const std::size_t row_bytes = static_cast<std::size_t>(a.k) * BITS / 8;
+  const int groups = a.k >> a.group_shift, chunks = a.k / kCodesPerLane;
+
+  const std::uint8_t* wrow[R];
+  int rown[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    rown[r] = min(row0 + r, a.n - 1);  // rows past N are computed, never stored
+    wrow[r] = a.codes + rown[r] * row_bytes;
+  }
+  float acc[R][M] = {};
+
+  for (int c0 = lane; c0 < chunks; c0 += 32 * UNROLL) {
+    uint4 w[UNROLL][R];
+    float sc[UNROLL][R], of[UNROLL][R];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {  // every load of the step before any math
+      const int c = c0 + 32 * u;
+      if (c < chunks) {
+        const int grp = (c * kCodesPerLane) >> a.group_shift;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          w[u][r] = load_codes(wrow[r] + static_cast<std::size_t>(c) * 16);
+          sc[u][r] = __ldg(a.scales + static_cast<std::size_t>(rown[r]) * groups + grp);
+          if (!SYM) of[u][r] = __ldg(a.offsets + static_cast<std::size_t>(rown[r]) * groups + grp);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int c = c0 + 32 * u;
+      if (c >= chunks) continue;
+      float dot[R][M] = {};
+      float xs[M] = {};
+      const T* xc = a.x + static_cast<std::size_t>(c) * kCodesPerLane;
+#pragma unroll
+      for (int step = 0; step < kCodesPerLane / 8; ++step) {  // 8 codes (one x vector) a step
+        float wf[R][8];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const std::uint32_t* words = reinterpret_cast<const std::uint32_t*>(&w[u][r]);
+          if constexpr (BITS == 4) {
+            int4_floats<SYM>(words[step], wf[r]);
+          } else {
+            float lo[4], hi[4];
+            int8_floats<SYM>(words[2 * step], lo);
+            int8_floats<SYM>(words[2 * step + 1], hi);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              wf[r][j] = lo[j];
+              wf[r][4 + j] = hi[j];
+            }
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const Vec<T, 8> xv = load_vec_nc<8>(xc + static_cast<std::size_t>(m) * a.k + 8 * step);
+          float xf[8];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) xf[j] = to_float(xv.v[j]);
+          if (!SYM) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) xs[m] += xf[j];
+          }
+#pragma unroll
+          for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) dot[r][m] = fmaf(wf[r][j], xf[j], dot[r][m]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          acc[r][m] = fmaf(sc[u][r], dot[r][m], acc[r][m]);
+          if (!SYM) acc[r][m] = fmaf(of[u][r], xs[m], acc[r][m]);
+        }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float total = warp_sum<32>(acc[r][m]);
+      if (lane == r * M + m && row0 + r < a.n) a.y[static_cast<std::size_t>(m) * a.n + row0 + r] = from_float<T>(total);
+    }
+}
+
+#if !defined(DS_KERNELS_HIP)
+// Tensor-core design: a block owns 16 rows. Lane (g, t) = (lane / 4, lane % 4) of a quad loads
+// bytes 16t..16t+15 of each k-block of rows g and g + 8 (the mma's A rows); its B fragment is
+// x row g at the same k's (the k order inside an mma is free as long as A and B agree), zero
+// for g >= M. The scale multiplies each k-block's mma sums; asymmetric offsets add
+// offset * sum(x over the k-block), the sum taken by one more mma with A = 1.
+template <typename T, int BITS, bool SYM, int M>
+__global__ void DS_WOQ_BOUNDS(kMmaWarps * 32) woq_gemv_mma(WoqArgs<T> a) {
+  static_assert(M >= 1 && M <= 8, "the mma's 8 columns hold at most 8 rows of x");
+  using H = Half16<T>;
+  constexpr int kCodesPerLane = BITS == 4 ? 32 : 16;
+  constexpr int kBlockCodes = 4 * kCodesPerLane;
+  constexpr int kPairs = kCodesPerLane / 2;
+  constexpr int kMmas = kCodesPerLane / 4;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 16;
+  const std::size_t row_bytes = static_cast<std::size_t>(a.k) * BITS / 8;
+  const int groups = a.k >> a.group_shift, kblocks = a.k / kBlockCodes;
+
+  const std::uint8_t* wrow[2];
+  int rown[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    rown[h] = min(n0 + 8 * h + g, a.n - 1);  // rows past N are computed, never stored
+    wrow[h] = a.codes + rown[h] * row_bytes + 16 * t;
+  }
+  const T* xrow = a.x + static_cast<std::size_t>(g < M ? g : 0) * a.k + t * kCodesPerLane;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+
+  for (int kb0 = warp; kb0 < kblocks; kb0 += kMmaWarps * kMmaUnroll) {
+    uint4 w[kMmaUnroll][2];
+    float sc[kMmaUnroll][2], of[kMmaUnroll][2];
+#pragma unroll
+    for (int u = 0; u < kMmaUnroll; ++u) {  // every weight load of the step before any math
+      const int kb = kb0 + u * kMmaWarps;
+      if (kb < kblocks) {
+        const int grp = (kb * kBlockCodes) >> a.group_shift;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          w[u][h] = load_codes(wrow[h] + static_cast<std::size_t>(kb) * kKBlockBytes);
+          sc[u][h] = __ldg(a.scales + static_cast<std::size_t>(rown[h]) * groups + grp);
+          if (!SYM) of[u][h] = __ldg(a.offsets + static_cast<std::size_t>(rown[h]) * groups + grp);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kMmaUnroll; ++u) {
+      const int kb = kb0 + u * kMmaWarps;
+      if (kb >= kblocks) continue;
+      std::uint32_t X[kPairs];  // B fragments, in the pair order of the codes
+      const uint4* xp = reinterpret_cast<const uint4*>(xrow + static_cast<std::size_t>(kb) * kBlockCodes);
+#pragma unroll
+      for (int i = 0; i < kCodesPerLane / 8; ++i) {
+        const uint4 xv = g < M ? __ldg(xp + i) : make_uint4(0, 0, 0, 0);
+        if constexpr (BITS == 4) {  // pairs (x_j, x_j+4) of the 8 x's, as int4_pairs pairs codes
+          X[4 * i + 0] = __byte_perm(xv.x, xv.z, 0x5410);
+          X[4 * i + 1] = __byte_perm(xv.x, xv.z, 0x7632);
+          X[4 * i + 2] = __byte_perm(xv.y, xv.w, 0x5410);
+          X[4 * i + 3] = __byte_perm(xv.y, xv.w, 0x7632);
+        } else {
+          X[4 * i + 0] = xv.x;
+          X[4 * i + 1] = xv.y;
+          X[4 * i + 2] = xv.z;
+          X[4 * i + 3] = xv.w;
+        }
+      }
+      float xsum[4] = {0.f, 0.f, 0.f, 0.f};  // sum of x over the k-block, columns 2t and 2t + 1
+      if (!SYM) {
+#pragma unroll
+        for (int j = 0; j < kMmas; ++j) H::mma(xsum, H::kOne, H::kOne, H::kOne, H::kOne, X[2 * j], X[2 * j + 1]);
+      }
+      std::uint32_t pg[kPairs], ph[kPairs];  // rows g and g + 8
+      const std::uint32_t* wg = reinterpret_cast<const std::uint32_t*>(&w[u][0]);
+      const std::uint32_t* wh = reinterpret_cast<const std::uint32_t*>(&w[u][1]);
+#pragma unroll
+      for (int word = 0; word < 4; ++word) {
+        if constexpr (BITS == 4) {
+          std::uint32_t p[4];
+          int4_pairs<H, SYM>(wg[word], p);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) pg[4 * word + j] = p[j];
+          int4_pairs<H, SYM>(wh[word], p);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) ph[4 * word + j] = p[j];
+        } else {
+          float f[4];
+          int8_floats<SYM>(wg[word], f);
+          pg[2 * word] = H::pack2(f[0], f[1]);
+          pg[2 * word + 1] = H::pack2(f[2], f[3]);
+          int8_floats<SYM>(wh[word], f);
+          ph[2 * word] = H::pack2(f[0], f[1]);
+          ph[2 * word + 1] = H::pack2(f[2], f[3]);
+        }
+      }
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < kMmas; ++j) H::mma(c, pg[2 * j], ph[2 * j], pg[2 * j + 1], ph[2 * j + 1], X[2 * j], X[2 * j + 1]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        acc[i] = fmaf(sc[u][i >> 1], c[i], acc[i]);
+        if (!SYM) acc[i] = fmaf(of[u][i >> 1], xsum[i], acc[i]);
+      }
+    }
+  }
+
+  // Accumulator i of lane l: weight row (l / 4) + 8 (i / 2) of the block, x row 2 (l % 4) + i % 2.
+  __shared__ float partial[kMmaWarps][4][32];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) partial[warp][i][lane] = acc[i];
+  __syncthreads();
+  for (int e = threadIdx.x; e < 4 * 32; e += kMmaWarps * 32) {
+    const int i = e >> 5, l = e & 31;
+    const int m = 2 * (l & 3) + (i & 1), row = n0 + (l >> 2) + 8 * (i >> 1);
+    if (m >= M || row >= a.n) continue;
+    float total = 0.f;
+#pragma unroll
+    for (int wi = 0; wi < kMmaWarps; ++wi) total += partial[wi][i][l];
+    a.y[static_cast<std::size_t>(m) * a.n + row] = from_float<T>(total);
+  }
+}
+#endif  // !DS_KERNELS_HIP
+
+// Whether this GPU runs the tensor-core design (mma.sync with bf16/fp16 operands: sm_80+).
+bool tensor_cores_here() {
+#if defined(DS_KERNELS_HIP)
+  return false;
+#else
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+  return major >= 8;
+#endif
+}
+
+template <typename T, int BITS, bool SYM, int M>
+const char* launch_rows(const WoqArgs<T>& args, bool tensor_cores, ds_stream_t stream) {
+#if !defined(DS_KERNELS_HIP)
+  if constexpr (M > 1 && !std::is_same_v<T, float>) {
+    if (tensor_cores) {
+      woq_gemv_mma<T, BITS, SYM, M><<<(args.n + 15) / 16, kMmaWarps * 32, 0, stream>>>(args);
+      DS_RETURN_LAUNCH_STATUS();
+    }
+  }
+#endif
+  (void)tensor_cores;
+  constexpr int kRows = M == 1 ? 2 : 4;    // rows per warp
+  constexpr int kUnroll = M == 1 ? 2 : 1;  // 16-byte loads per row in flight
+  constexpr int kBlockRows = kRows * kSimtWarps;
+  woq_gemv_simt<T, BITS, SYM, M, kRows, kUnroll>
+      <<<(args.n + kBlockRows - 1) / kBlockRows, kSimtWarps * 32, 0, stream>>>(args);
+  DS_RETURN_LAUNCH_STATUS();
+}
+
+template <typename T, int BITS, bool SYM>
+const char* launch(const WoqArgs<T>& args, std::int64_t m, bool tensor_cores, ds_stream_t stream) {
+  switch (m) {
+    case 1: return launch_rows<T, BITS, SYM, 1>(args, tensor_cores, stream);
+    case 2: return launch_rows<T, BITS, SYM, 2>(args, tensor_cores, stream);
+    case 3: return launch_rows<T, BITS, SYM, 3>(args, tensor_cores, stream);
+    default: return launch_rows<T, BITS, SYM, 4>(args, tensor_cores, stream);
+  }
+}
+
+// log2 of a group size of 32, 64, 128 or 256; -1 for any other.
+int group_shift_of(int group_size) {
+  for (int shift = 5; shift <= 8; ++shift) {
+    if (group_size == 1 << shift) return shift;
+  }
+  return -1;
+}
+
+}  // namespace
+
+const char* woq_matmul(Ptr x, Ptr codes, Ptr scales, Ptr offsets, Ptr y, std::int64_t m, std::int64_t n,
+                       std::int64_t k, int group_size, int bits, bool symmetric, int dtype,
+                       std::uintptr_t stream_handle) {
+  const int group_shift = group_shift_of(group_size);
+  if (group_shift < 0) return "woq_matmul: group_size must be 32, 64, 128 or 256";
+  if (bits != 4 && bits != 8) return "woq_matmul: bits must be 4 or 8";
+  if (m < 1 || m > kWoqMaxRows) return "woq_matmul: the kernels take 1 to 4 rows of x";
+  if (n < 1 || k < 1 || n > INT32_MAX || k > INT32_MAX || k % group_size != 0) {
+    return "woq_matmul: N and K must be positive, below 2^31, with K a multiple of group_size";
+  }
+  if (!symmetric && offsets == 0) return "woq_matmul: asymmetric codes need offsets";
+  const ds_stream_t stream = as_stream(stream_handle);
+  // One mma sums a whole k-block, so its group must not be smaller: 128 int4 or 64 int8 codes.
+  const bool tensor_cores = group_size >= kKBlockBytes * 8 / bits && tensor_cores_here();
+  DS_DISPATCH_FLOAT(dtype, T, {
+    const WoqArgs<T> args{reinterpret_cast<const T*>(x), reinterpret_cast<const std::uint8_t*>(codes),
+                          reinterpret_cast<const float*>(scales), reinterpret_cast<const float*>(offsets),
+                          reinterpret_cast<T*>(y), static_cast<int>(n), static_cast<int>(k), group_shift};
+    if (bits == 4) {
+      return symmetric ? launch<T, 4, true>(args, m, tensor_cores, stream)
+                       : launch<T, 4, false>(args, m, tensor_cores, stream);
+    }
+    return symmetric ? launch<T, 8, true>(args, m, tensor_cores, stream)
+                     : launch<T, 8, false>(args, m, tensor_cores, stream);
+  });
+  return nullptr;
+}
+
+}  // namespace ds

@@ -1,0 +1,1 @@
+../../../../../kernels-cuda/src/ds/kernels/cuda/launch_woq.py
