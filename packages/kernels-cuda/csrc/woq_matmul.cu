@@ -27,6 +27,7 @@
 #include "dtypes.h"
 #include "kernels.h"
 #include "reduce.h"
+#include "woq_codes.h"
 
 #if defined(DS_KERNELS_HIP)
 #define DS_WOQ_BOUNDS(threads) __launch_bounds__(threads)
@@ -38,10 +39,20 @@
 namespace ds {
 namespace {
 
+using woq::int4_floats;
+using woq::int8_floats;
+using woq::load_codes;
+#if !defined(DS_KERNELS_HIP)
+using woq::Half16;
+using woq::int4_pairs;
+#endif
+
 constexpr int kSimtWarps = 4;
-constexpr int kMmaWarps = 8;
-constexpr int kMmaUnroll = 4;    // k-blocks per warp whose loads are issued before any math
 constexpr int kKBlockBytes = 64;  // code bytes of one row in one mma k-block (16 per lane of a quad)
+#if !defined(DS_KERNELS_HIP)
+constexpr int kMmaWarps = 8;
+constexpr int kMmaUnroll = 4;  // k-blocks per warp whose loads are issued before any math
+#endif
 
 template <typename T>
 struct WoqArgs {
@@ -52,138 +63,6 @@ struct WoqArgs {
   T* y;                        // [M, N]
   int n, k, group_shift;       // group = 1 << group_shift
 };
-
-// Weight codes are read exactly once: no L1 allocation, 256-byte L2 lines.
-__device__ __forceinline__ uint4 load_codes(const std::uint8_t* p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-#else
-  return __ldg(reinterpret_cast<const uint4*>(p));
-#endif
-}
-
-#if !defined(DS_KERNELS_HIP)
-// The 16-bit float type of the tensor-core path: the exact-code magic numbers and its
-// paired FMA, mma and packing. A code OR-ed into the mantissa of 2^7 (bf16) or 2^10 (fp16),
-// whose unit in the last place is 1, is 2^e + code exactly; one paired FMA (x * 1 - bias)
-// lands on the code. Symmetric nibbles are XOR-ed with 8 first (two's complement v -> v + 8),
-// which the bias takes back.
-template <typename T>
-struct Half16;
-
-template <>
-struct Half16<bf16> {
-  static constexpr std::uint32_t kOne = 0x3F803F80u;
-  static constexpr std::uint32_t kMagicAsym = 0x43004300u, kMagicSym = 0x43084308u;
-  static constexpr std::uint32_t kBiasAsym = 0xC300C300u, kBiasSym = 0xC308C308u;  // -128, -136
-  __device__ __forceinline__ static std::uint32_t fma2(std::uint32_t a, std::uint32_t b, std::uint32_t c) {
-    std::uint32_t d = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-#else
-    __trap();
-#endif
-    return d;
-  }
-  __device__ __forceinline__ static void mma(float (&d)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
-                                             std::uint32_t a3, std::uint32_t b0, std::uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-    __trap();
-#endif
-  }
-  __device__ __forceinline__ static std::uint32_t pack2(float lo, float hi) { return pack_bf16x2(lo, hi); }
-};
-
-template <>
-struct Half16<__half> {
-  static constexpr std::uint32_t kOne = 0x3C003C00u;
-  static constexpr std::uint32_t kMagicAsym = 0x64006400u, kMagicSym = 0x64086408u;
-  static constexpr std::uint32_t kBiasAsym = 0xE400E400u, kBiasSym = 0xE408E408u;  // -1024, -1032
-  __device__ __forceinline__ static std::uint32_t fma2(std::uint32_t a, std::uint32_t b, std::uint32_t c) {
-    std::uint32_t d = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-#else
-    __trap();
-#endif
-    return d;
-  }
-  __device__ __forceinline__ static void mma(float (&d)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
-                                             std::uint32_t a3, std::uint32_t b0, std::uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-    __trap();
-#endif
-  }
-  __device__ __forceinline__ static std::uint32_t pack2(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<std::uint32_t*>(&h);
-  }
-};
-
-// Eight int4 codes of a word -> four exact pairs (code j, code j + 4), j = 0..3: pairing j
-// with j + 4 makes each pair one shift and one LOP3 before the FMA.
-template <typename H, bool SYM>
-__device__ __forceinline__ void int4_pairs(std::uint32_t q, std::uint32_t (&p)[4]) {
-  constexpr std::uint32_t kMagic = SYM ? H::kMagicSym : H::kMagicAsym;
-  constexpr std::uint32_t kBias = SYM ? H::kBiasSym : H::kBiasAsym;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) p[j] = H::fma2(((q >> (4 * j)) & 0x000F000Fu) ^ kMagic, H::kOne, kBias);
-}
-#endif  // !DS_KERNELS_HIP
-
-// Eight int4 codes of a word as floats, in element order.
-template <bool SYM>
-__device__ __forceinline__ void int4_floats(std::uint32_t q, float (&f)[8]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  std::uint32_t p[4];
-  int4_pairs<Half16<bf16>, SYM>(q, p);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    f[j] = __uint_as_float(p[j] << 16);
-    f[j + 4] = __uint_as_float(p[j] & 0xFFFF0000u);
-  }
-#else
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const int v = static_cast<int>((q >> (4 * j)) & 0xFu);
-    f[j] = static_cast<float>(SYM ? (v ^ 8) - 8 : v);
-  }
-#endif
-}
-
-// Four int8 codes of a word as floats: a byte placed under the exponent of 2^23 is 2^23 + code
-// exactly (one PRMT and one FADD each).
-template <bool SYM>
-__device__ __forceinline__ void int8_floats(std::uint32_t q, float (&f)[4]) {
-#if defined(DS_KERNELS_HIP)
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const std::uint32_t b = (q >> (8 * j)) & 0xFFu;
-    f[j] = SYM ? static_cast<float>(static_cast<int>(b ^ 0x80u) - 128) : static_cast<float>(b);
-  }
-#else
-  if (SYM) q ^= 0x80808080u;
-  const float bias = SYM ? 8388736.f : 8388608.f;
-  f[0] = __uint_as_float(__byte_perm(q, 0x4B000000u, 0x7540)) - bias;
-  f[1] = __uint_as_float(__byte_perm(q, 0x4B000000u, 0x7541)) - bias;
-  f[2] = __uint_as_float(__byte_perm(q, 0x4B000000u, 0x7542)) - bias;
-  f[3] = __uint_as_float(__byte_perm(q, 0x4B000000u, 0x7543)) - bias;
-#endif
-}
 
 // SIMT design: a block is kSimtWarps warps of R rows each. Lane l of a warp takes 16-byte
 // chunks l, l + 32, ... of each row (a chunk lies in one group: groups are >= 32 codes); the
