@@ -6,7 +6,7 @@
 // (and, backward, its dbias sums) stay in registers and no index is ever divided. The
 // backward folds its row lanes' dbias sums in shared memory and writes one partial row per
 // block; column_sum (norms.cu) adds those few partial rows, so dx is never re-read. GeLU's
-// derivative is rebuilt in float32 from one exponential: the tanh form as 1 - 2/(e^2u + 1),
+// derivative is rebuilt in float32 from one exponential: the tanh form through a sigmoid,
 // the erf form with the Abramowitz-Stegun 7.1.26 erf (absolute error below 1.5e-7).
 #include "dtypes.h"
 #include "kernels.h"
@@ -15,6 +15,7 @@ namespace ds {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr std::int64_t kMaxGridY = 65535;
 
 __device__ __forceinline__ float sigmoidf(float v) { return 1.0f / (1.0f + __expf(-v)); }
 
@@ -23,22 +24,29 @@ constexpr float kInvSqrt2 = 0.7071067811865476f;
 constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 constexpr float kGeluCubic = 0.044715f;
 
-template <bool kTanh>
-__device__ __forceinline__ float gelu(float v) {
-  if (kTanh) return 0.5f * v * (1.0f + tanhf(kSqrt2OverPi * (v + kGeluCubic * v * v * v)));
-  return 0.5f * v * (1.0f + erff(v * kInvSqrt2));
+// The tanh approximation through 0.5 (1 + tanh u) = sigmoid(2u): one exponential and one
+// division, no cancellation where 1 + tanh u is small (v << 0). tanhf compiles to
+// tanh.approx.f32 under --use_fast_math (2^-11 relative error, which 1 + tanh u amplifies
+// there); this form is more accurate (bf16 outputs vs float64: 3.9e-3 worst relative error
+// against 5.2e-3) and as fast or faster on an H100: 98.5% of copy bandwidth forward against
+// 97.8%, 88.2% backward against 87.7%. This is 1 + e^(-2u) for u = sqrt(2/pi) (v + 0.044715
+// v^3): gelu(v) = v / it and sigmoid(2u) = 1 / it.
+__device__ __forceinline__ float tanh_gelu_denominator(float v) {
+  return 1.0f + __expf(-2.0f * kSqrt2OverPi * (v + kGeluCubic * v * v * v));
 }
 
-__device__ __forceinline__ float tanh_from_exp(float u) {
-  return 1.0f - __fdividef(2.0f, __expf(2.0f * u) + 1.0f);  // exact limits +-1 for large |u|
+template <bool kTanh>
+__device__ __forceinline__ float gelu(float v) {
+  if (kTanh) return __fdividef(v, tanh_gelu_denominator(v));
+  return 0.5f * v * (1.0f + erff(v * kInvSqrt2));
 }
 
 template <bool kTanh>
 __device__ __forceinline__ float gelu_grad(float v) {
-  if (kTanh) {
-    const float t = tanh_from_exp(kSqrt2OverPi * (v + kGeluCubic * v * v * v));
-    return 0.5f * (1.0f + t) +
-           0.5f * v * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluCubic * v * v);
+  if (kTanh) {  // d/dv [v s] = s + 2 v s (1 - s) du/dv, s = sigmoid(2u)
+    const float s = __fdividef(1.0f, tanh_gelu_denominator(v));
+    const float du = kSqrt2OverPi * (1.0f + 3.0f * kGeluCubic * v * v);
+    return s + 2.0f * v * s * (1.0f - s) * du;
   }
   // Phi(v) + v * phi(v); erf(|v|/sqrt2) = 1 - poly(t) * exp(-v^2/2) shares phi's exponential.
   const float e = __expf(-0.5f * v * v);
@@ -75,31 +83,41 @@ swiglu_forward_kernel(const T* __restrict__ x, T* __restrict__ y, std::int64_t r
   }
 }
 
+// Backward on a 2-D grid: blockIdx.x picks kThreads vectors of a row's columns and
+// blockIdx.y walks the rows, so no thread divides to find its row and each issues its three
+// loads before any arithmetic. On an H100 (bf16, 16384 x 8192) this runs at 99.7-100% of
+// device-to-device copy bandwidth, against 98% for a flat grid that derived the row from a
+// 64-bit division per vector.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
 swiglu_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                        std::int64_t rows, std::int64_t hidden) {
-  const std::int64_t row_vectors = hidden / VEC;
-  const std::int64_t total = rows * row_vectors;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(kThreads) + threadIdx.x; i < total;
-       i += static_cast<std::int64_t>(gridDim.x) * kThreads) {
-    const std::int64_t row = i / row_vectors;
-    const std::int64_t col = (i - row * row_vectors) * VEC;
+  const std::int64_t col = (static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x) * VEC;
+  if (col >= hidden) return;
+  for (std::int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
     const std::int64_t in_offset = row * 2 * hidden + col;
-    float gate[VEC], up[VEC], g[VEC], dgate[VEC], dup[VEC];
-    load_floats<VEC>(x + in_offset, gate);
-    load_floats<VEC>(x + in_offset + hidden, up);
-    load_floats<VEC>(dy + row * hidden + col, g);
+    const Vec<T, VEC> gate_in = load_vec_nc<VEC>(x + in_offset);
+    const Vec<T, VEC> up_in = load_vec_nc<VEC>(x + in_offset + hidden);
+    const Vec<T, VEC> g_in = load_vec_nc<VEC>(dy + row * hidden + col);
+    float dgate[VEC], dup[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const float s = sigmoidf(gate[k]);
-      const float silu = gate[k] * s;
-      dup[k] = g[k] * silu;
-      dgate[k] = g[k] * up[k] * s * (1.0f + gate[k] * (1.0f - s));
+      const float gate = to_float(gate_in.v[k]), g = to_float(g_in.v[k]);
+      const float s = sigmoidf(gate);
+      dup[k] = g * (gate * s);
+      dgate[k] = g * to_float(up_in.v[k]) * s * (1.0f + gate * (1.0f - s));
     }
     store_floats<VEC>(dx + in_offset, dgate);
     store_floats<VEC>(dx + in_offset + hidden, dup);
   }
+}
+
+template <typename T, int VEC>
+void launch_swiglu_backward(const T* dy, const T* x, T* dx, std::int64_t rows, std::int64_t hidden,
+                            ds_stream_t stream) {
+  const dim3 grid(static_cast<unsigned>((hidden / VEC + kThreads - 1) / kThreads),
+                  static_cast<unsigned>(rows < kMaxGridY ? rows : kMaxGridY));
+  swiglu_backward_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(dy, x, dx, rows, hidden);
 }
 
 template <typename T, int VEC, bool kTanh>
@@ -231,12 +249,8 @@ const char* swiglu_backward(Ptr dy, Ptr x, Ptr dx, std::int64_t rows, std::int64
     auto* dyp = reinterpret_cast<const T*>(dy);
     auto* xp = reinterpret_cast<const T*>(x);
     auto* dxp = reinterpret_cast<T*>(dx);
-    if (can_vectorize<T>(hidden, {dy, x, dx})) {
-      constexpr int V = kVec16<T>;
-      swiglu_backward_kernel<T, V><<<blocks_for(rows * hidden / V), kThreads, 0, stream>>>(dyp, xp, dxp, rows, hidden);
-    } else {
-      swiglu_backward_kernel<T, 1><<<blocks_for(rows * hidden), kThreads, 0, stream>>>(dyp, xp, dxp, rows, hidden);
-    });
+    if (can_vectorize<T>(hidden, {dy, x, dx})) launch_swiglu_backward<T, kVec16<T>>(dyp, xp, dxp, rows, hidden, stream);
+    else launch_swiglu_backward<T, 1>(dyp, xp, dxp, rows, hidden, stream));
   DS_RETURN_LAUNCH_STATUS();
 }
 

@@ -7,6 +7,8 @@
 // incompatible bfloat16 headers.
 #pragma once
 
+#include <cstring>
+
 #include "compat.h"
 
 namespace ds {
@@ -57,12 +59,85 @@ __device__ __forceinline__ void load_floats(const T* ptr, float (&out)[N]) {
   for (int i = 0; i < N; ++i) out[i] = to_float(packed.v[i]);
 }
 
+// W 32-bit words stored with the widest vector accesses their count allows. A plain store
+// of a Vec, a union or even a uint4 is only a struct copy to nvcc, which splits it into
+// per-element stores and merges them back only where it can prove the addresses adjacent:
+// with a row * hidden + column address it could not (four 32-bit stores for a 16-byte
+// vector, in both backward kernels of activations.cu; SwiGLU backward ran at 64% of copy
+// bandwidth on an H100 instead of 98%). One st.global.v4/v2 instruction cannot be split;
+// the memory clobber keeps it in order with the kernel's other accesses. (__stwb would
+// also hold, but compiles to a strong store, STG.E.128.STRONG.SM, not the plain one.)
+template <int W>
+__device__ __forceinline__ void store_words(void* ptr, const std::uint32_t (&w)[W]) {
+  if constexpr (W % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < W / 4; ++i) {
+      uint4* dst = reinterpret_cast<uint4*>(ptr) + i;
+#if defined(__CUDA_ARCH__)
+      asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(w[4 * i]), "r"(w[4 * i + 1]),
+                   "r"(w[4 * i + 2]), "r"(w[4 * i + 3])
+                   : "memory");
+#else
+      *dst = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+#endif
+    }
+  } else if constexpr (W % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < W / 2; ++i) {
+      uint2* dst = reinterpret_cast<uint2*>(ptr) + i;
+#if defined(__CUDA_ARCH__)
+      asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(dst), "r"(w[2 * i]), "r"(w[2 * i + 1]) : "memory");
+#else
+      *dst = make_uint2(w[2 * i], w[2 * i + 1]);
+#endif
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < W; ++i) reinterpret_cast<std::uint32_t*>(ptr)[i] = w[i];
+  }
+}
+
+// A Vec stored whole (see store_words); ptr aligned as the Vec is.
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* ptr, const Vec<T, N>& vec) {
+  constexpr int kBytes = static_cast<int>(sizeof(Vec<T, N>));
+  if constexpr (kBytes % 4 == 0) {
+    std::uint32_t words[kBytes / 4];
+    memcpy(words, &vec, kBytes);
+    store_words(ptr, words);
+  } else {
+    *reinterpret_cast<Vec<T, N>*>(ptr) = vec;
+  }
+}
+
 template <int N, typename T>
 __device__ __forceinline__ void store_floats(T* ptr, const float (&in)[N]) {
   Vec<T, N> packed;
 #pragma unroll
   for (int i = 0; i < N; ++i) packed.v[i] = from_float<T>(in[i]);
-  *reinterpret_cast<Vec<T, N>*>(ptr) = packed;
+  store_vec(ptr, packed);
+}
+
+// bfloat16 loads widen pairwise: a bfloat16 is the high half of a float, so each 32-bit
+// word gives two floats with one shift and one mask (the generic path spends a byte
+// permute and a multiply on the high half).
+template <int N>
+__device__ __forceinline__ void load_floats(const bf16* ptr, float (&out)[N]) {
+  if constexpr (N % 2 == 0) {
+    union {
+      Vec<bf16, N> vec;
+      std::uint32_t words[N / 2];
+    } packed;
+    packed.vec = *reinterpret_cast<const Vec<bf16, N>*>(ptr);
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      out[2 * i] = __uint_as_float(packed.words[i] << 16);
+      out[2 * i + 1] = __uint_as_float(packed.words[i] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = to_float(ptr[i]);
+  }
 }
 
 // Two floats to two bfloat16 (round to nearest even) in one instruction where the hardware
@@ -83,13 +158,10 @@ __device__ __forceinline__ std::uint32_t pack_bf16x2(float lo, float hi) {
 template <int N>
 __device__ __forceinline__ void store_floats(bf16* ptr, const float (&in)[N]) {
   if constexpr (N % 2 == 0) {
-    union {
-      Vec<bf16, N> vec;
-      std::uint32_t words[N / 2];
-    } packed;
+    std::uint32_t words[N / 2];
 #pragma unroll
-    for (int i = 0; i < N / 2; ++i) packed.words[i] = pack_bf16x2(in[2 * i], in[2 * i + 1]);
-    *reinterpret_cast<Vec<bf16, N>*>(ptr) = packed.vec;
+    for (int i = 0; i < N / 2; ++i) words[i] = pack_bf16x2(in[2 * i], in[2 * i + 1]);
+    store_words(ptr, words);
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) ptr[i] = from_float<bf16>(in[i]);

@@ -120,7 +120,8 @@ def test_layer_norm_of_rows_with_large_means(dtype: torch.dtype, hidden: int) ->
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 2), (5, 7, 38), (128, 2 * 4096), (3, 2 * 5461)])
+# (70000, 16): more rows than the backward's 65535-row grid, so blocks walk several rows.
+@pytest.mark.parametrize("shape", [(1, 2), (5, 7, 38), (128, 2 * 4096), (3, 2 * 5461), (70000, 16)])
 def test_swiglu_forward_and_backward(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     x = randn(*shape, dtype=dtype, noncontiguous=shape[0] == 5).requires_grad_()
     grad = torch.randn(*shape[:-1], shape[-1] // 2, device="cuda", dtype=dtype)
