@@ -16,7 +16,7 @@ ZeRO++'s qgZ and qwZ replace the reduce-scatter and that all-gather with quantiz
 (:mod:`ds.zero.zeropp`).
 
 Byte budget per rank (Ψ parameters, N data-parallel ranks, g bytes per reduced gradient
-element: 4 by default, 2 with ``communication_data_type: bf16``), checked on CPU by
+element: the compute dtype's 2 under bf16 by default, 4 with ``communication_data_type: fp32``), checked on CPU by
 ``packages/zero/tests/test_peak_memory.py``:
 
 ================================  ==============  ===========================================

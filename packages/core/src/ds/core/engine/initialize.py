@@ -41,12 +41,18 @@ def _show_training_log(rank: int) -> None:
 
 
 def precision_policy(config: Any) -> PrecisionPolicy:
-    """Compute dtype from fp16/bf16, fp32 masters, reduction dtype from communication_data_type."""
+    """Compute dtype from fp16/bf16, fp32 masters, reduction dtype from communication_data_type.
+
+    Unset, the reduction runs in the compute dtype, which is DeepSpeed's meaning of the key:
+    a DeepSpeed config moved here communicates (and accumulates ZeRO gradients) in as many
+    bytes as it did there. ``"communication_data_type": "fp32"`` buys fp32 sums at twice the
+    gradient traffic and memory.
+    """
     if config.fp16.enabled and config.bf16.enabled:
         raise ConfigError("fp16.enabled and bf16.enabled are both true; enable at most one.")
     param_dtype = torch.float16 if config.fp16.enabled else torch.bfloat16 if config.bf16.enabled else torch.float32
     reduce_name = config.communication_data_type
-    reduce_dtype = _DTYPES[reduce_name] if reduce_name else torch.float32
+    reduce_dtype = _DTYPES[reduce_name] if reduce_name else param_dtype
     return PrecisionPolicy(param_dtype=param_dtype, master_dtype=torch.float32, reduce_dtype=reduce_dtype)
 
 
