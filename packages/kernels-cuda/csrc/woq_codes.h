@@ -8,6 +8,8 @@
 // load's cache hints, gets plain integer conversions and __ldg.
 #pragma once
 
+#include <type_traits>
+
 #include "dtypes.h"
 
 namespace ds {
@@ -27,67 +29,72 @@ __device__ __forceinline__ uint4 load_codes(const std::uint8_t* p) {
 }
 
 #if !defined(DS_KERNELS_HIP)
-// The 16-bit float type of the tensor-core path: its exact-code magic numbers, paired FMA,
-// mma.m16n8k16 (float32 accumulators) and pair packing.
+// The exact-code magic numbers of a 16-bit float type: 2^7 (bf16) or 2^10 (fp16) with the code
+// in its mantissa, plus 8 for symmetric codes, and the bias that subtracts them again.
 template <typename T>
-struct Half16;
+struct Half16Codes;
 
 template <>
-struct Half16<bf16> {
+struct Half16Codes<bf16> {
   static constexpr std::uint32_t kOne = 0x3F803F80u;
   static constexpr std::uint32_t kMagicAsym = 0x43004300u, kMagicSym = 0x43084308u;
   static constexpr std::uint32_t kBiasAsym = 0xC300C300u, kBiasSym = 0xC308C308u;  // -128, -136
-  __device__ __forceinline__ static std::uint32_t fma2(std::uint32_t a, std::uint32_t b, std::uint32_t c) {
-    std::uint32_t d = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-#else
-    __trap();
-#endif
-    return d;
-  }
-  __device__ __forceinline__ static void mma(float (&d)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
-                                             std::uint32_t a3, std::uint32_t b0, std::uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-    __trap();
-#endif
-  }
-  __device__ __forceinline__ static std::uint32_t pack2(float lo, float hi) { return pack_bf16x2(lo, hi); }
 };
 
 template <>
-struct Half16<__half> {
+struct Half16Codes<__half> {
   static constexpr std::uint32_t kOne = 0x3C003C00u;
   static constexpr std::uint32_t kMagicAsym = 0x64006400u, kMagicSym = 0x64086408u;
   static constexpr std::uint32_t kBiasAsym = 0xE400E400u, kBiasSym = 0xE408E408u;  // -1024, -1032
+};
+
+// The tensor-core path's arithmetic on a 16-bit float type T (bf16 or __half): paired FMA,
+// mma.m16n8k16 with float32 accumulators, and pair packing. The two types differ only in the
+// PTX type of each instruction.
+template <typename T>
+struct Half16 : Half16Codes<T> {
+  static constexpr bool kBf16 = std::is_same<T, bf16>::value;
+
   __device__ __forceinline__ static std::uint32_t fma2(std::uint32_t a, std::uint32_t b, std::uint32_t c) {
     std::uint32_t d = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    if constexpr (kBf16) {
+      asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    } else {
+      asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    }
 #else
     __trap();
 #endif
     return d;
   }
+
   __device__ __forceinline__ static void mma(float (&d)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
                                              std::uint32_t a3, std::uint32_t b0, std::uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    if constexpr (kBf16) {
+      asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+          "{%0,%1,%2,%3};"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    } else {
+      asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+          "{%0,%1,%2,%3};"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
 #else
     __trap();
 #endif
   }
+
   __device__ __forceinline__ static std::uint32_t pack2(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<std::uint32_t*>(&h);
+    if constexpr (kBf16) {
+      return pack_bf16x2(lo, hi);
+    } else {
+      __half2 h = __floats2half2_rn(lo, hi);
+      return *reinterpret_cast<std::uint32_t*>(&h);
+    }
   }
 };
 
