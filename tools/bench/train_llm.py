@@ -6,8 +6,9 @@
 
 One process group per run, one mode per run (so peak memory is the mode's own). The model
 is Hugging Face's ``LlamaForCausalLM`` built from a preset (``--hidden`` & co. override
-single dimensions) with random weights, bf16 compute with fp32 master weights and AdamW in
-every mode (:mod:`train_llm_modes`); tokens are random: the point is speed, not learning.
+single dimensions) with random weights, bf16 compute and bf16 gradient reductions with fp32
+master weights and AdamW in every mode (:mod:`train_llm_modes`); tokens are random: the point
+is speed, not learning.
 ``--device cpu`` (gloo) with ``--model tiny`` is the smoke test of the whole path.
 
 Appends one JSON line per run to ``--out``: throughput (tokens/s per GPU over all

@@ -83,6 +83,7 @@ def engine_config(mode: Mode, *, micro_batch: int, grad_accum: int, nvme_path: P
         "gradient_accumulation_steps": grad_accum,
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "weight_decay": WEIGHT_DECAY}},
         "bf16": {"enabled": True},
+        "communication_data_type": "bf16",  # DeepSpeed's and ds's default under bf16, stated for the table
         "gradient_clipping": CLIP,
         "steps_per_print": 10**9,
         "zero_optimization": zero,
@@ -140,7 +141,8 @@ def _torch_trainer(model: nn.Module, device: torch.device) -> Trainer:
 def _fsdp2_trainer(model: nn.Module, device: torch.device) -> Trainer:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    # Gradients reduced in bf16, as ds and DeepSpeed reduce them under bf16 (and FSDP2 by default).
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy, reshard_after_forward=False)

@@ -254,8 +254,9 @@ def report(records: list[Record], args: argparse.Namespace) -> tuple[dict[str, A
         f"# Llama-style decoder training throughput ({meta['date']}, {meta['gpu']})\n\n"
         f"torch {meta['torch']}, ds {meta['ds-core']}, DeepSpeed {meta['deepspeed']}, transformers "
         f"{meta['transformers']}; host RAM {_number(meta['host_ram_gib'], '.0f')} GiB. {_shapes(records)}. "
-        "bf16 with fp32 master weights, AdamW, clipping 1.0, random tokens; a mode's micro-batch sweep stops at its "
-        f"first failure. train_llm.py options: {', '.join(f'`{o}`' if o else 'defaults' for o in options)}. "
+        "bf16 with fp32 master weights and bf16 gradient reductions, AdamW, clipping 1.0, random tokens; a mode's "
+        "micro-batch sweep stops at its first failure. "
+        f"train_llm.py options: {', '.join(f'`{o}`' if o else 'defaults' for o in options)}. "
         "MFU = tokens/s x (6 N_matmul + 12 L h s) / 989 TFLOP/s (recomputation not counted). Host peak: "
         "VmHWM summed over ranks. Ratios compare each mode's best run with the peer's best (same GPUs and model).\n\n"
         "## Best run per mode\n\n" + best_table(records) + "\n## Every run\n\n" + runs_table(records)
