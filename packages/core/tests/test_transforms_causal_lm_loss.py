@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from functools import partial
 
 import pytest
 import torch
 from torch import nn
 
+from ds.core.testing import hf_models
 from ds.core.transforms.causal_lm_loss import FusedCrossEntropy, unfused_reason, use_fused_cross_entropy
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB, SEQ = 61, 11
-
-
-def tiny_llama(**overrides: Any) -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, **overrides)
-    return transformers.LlamaForCausalLM(config)
-
-
-def tiny_gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=24, n_layer=2, n_head=4, n_positions=32,
-                                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(config)
+tiny_llama = partial(hf_models.tiny_llama, vocab=VOCAB)
+tiny_gpt2 = partial(hf_models.tiny_gpt2, vocab=VOCAB)
 
 
 def _labels(ids: torch.Tensor) -> torch.Tensor:

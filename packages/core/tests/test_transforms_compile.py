@@ -3,36 +3,24 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
 
 import ds.core
 from ds.core.config import CompileConfig
-from ds.core.testing import run_distributed
+from ds.core.testing import hf_models, run_distributed
 from ds.core.testing.parity import make_model
 from ds.core.transforms.compile import compile_blocks, repeated_blocks
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")  # the models below are transformers classes
 
 VOCAB, SEQ, LAYERS = 61, 11, 3
-
-
-def tiny_llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=24, intermediate_size=40,
-                                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2)
-    return transformers.LlamaForCausalLM(config)
-
-
-def tiny_gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=24, n_layer=LAYERS, n_head=4, n_positions=32,
-                                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(config)
+tiny_llama = partial(hf_models.tiny_llama, vocab=VOCAB, layers=LAYERS)
+tiny_gpt2 = partial(hf_models.tiny_gpt2, vocab=VOCAB, layers=LAYERS)
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2, make_model])

@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from ds.core.config import CompileConfig
+from ds.core.testing.hf_models import tiny_llama
 from ds.core.testing.kernel_checks import poison, rel_error
 from ds.core.transforms.causal_lm_loss import use_fused_cross_entropy
 from ds.core.transforms.compile import compile_blocks
 from ds.core.transforms.norms import inject_norm_kernels
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")  # the models below are transformers classes
 pytestmark = pytest.mark.gpu
 
 VOCAB, SEQ, BATCH = 1003, 37, 3
@@ -27,10 +28,7 @@ LOSS_FLOOR, GRAD_FLOOR = 3e-3, 3e-2
 
 
 def _tiny_llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=264, intermediate_size=520, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, use_cache=False)
-    model = transformers.LlamaForCausalLM(config).cuda()
+    model = tiny_llama(vocab=VOCAB, layers=3, hidden=264, ffn=520, use_cache=False).cuda()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
