@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import Case, compiled, copy_bandwidth_gbs, environment, run_case, time_ms  # noqa: E402
+from kernels import Case, compiled, copy_bandwidth_gbs, environment, run_groups, time_ms  # noqa: E402
 
 WOQ_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
 """(K, N): x [M, K] times a weight [N, K] (nn.Linear's layout): attention, MLP up, MLP down, a 70B MLP up."""
@@ -206,15 +206,8 @@ def main() -> None:
     print(f"{env['gpu']}: device-to-device copy {copy_gbs:.0f} GB/s", flush=True)
     scale = 4 if args.quick else 1
     reps = 10 if args.quick else 30
-    cases: list[Case] = []
-    for build in (lambda: norm_cases(32768 // scale, 4096), lambda: quantize_cases((1 << 27) // scale, 128)):
-        built = [case for case in build() if args.only in case.name]
-        for case in built:
-            run_case(case, reps)
-            print(case.name, {k: round(v, 3) for k, v in case.results_ms.items()}, case.errors or "", flush=True)
-        cases.extend(built)
-        del built
-        torch.cuda.empty_cache()
+    cases = run_groups([lambda: norm_cases(32768 // scale, 4096), lambda: quantize_cases((1 << 27) // scale, 128)],
+                       reps, args.only)
     woq = woq_rows(reps) if args.only in "woq_matmul" else []
 
     args.out.mkdir(parents=True, exist_ok=True)
