@@ -23,6 +23,7 @@ import torch
 
 from ds.core.state_names import local
 from ds.zero.cpu_adam import CPUAdam
+from ds.zero.host_memory import pin_host_memory
 from ds.zero.state_swap import SwappedStates
 from ds.zero.swap import SwapConfig
 
@@ -43,9 +44,9 @@ class DiskStateAdam(CPUAdam):
         # Only parameters with local elements get a sub-group (an FSDP2 shard may be empty).
         self._params = [p for group in self.param_groups for p in group["params"] if local(p).numel() > 0]
         self._index = {id(p): i for i, p in enumerate(self._params)}
-        pin = offload.pin_memory and torch.cuda.is_available()
         self._swapped = SwappedStates(folder, [local(p).numel() for p in self._params], MOMENTS,
-                                      config=SwapConfig(buffer_count=offload.buffer_count, pin_memory=pin))
+                                      config=SwapConfig(buffer_count=offload.buffer_count,
+                                                         pin_memory=pin_host_memory(offload)))
         self._stream: Iterator[tuple[int, dict[str, torch.Tensor]]] | None = None
         weakref.finalize(self, _close_and_remove, self._swapped.close, Path(folder))
 

@@ -14,11 +14,21 @@ import contextlib
 import mmap
 import warnings
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from ds.zero.config import OffloadConfig
+
 HUGE_PAGE = 2 << 20
 PAGE = mmap.PAGESIZE
+
+
+def pin_host_memory(offload: OffloadConfig) -> bool:
+    """Whether an offload section's host buffers are page-locked: ``pin_memory`` asks for it,
+    and it only helps (and only exists) with a CUDA device to copy to."""
+    return offload.pin_memory and torch.cuda.is_available()
 
 
 def anonymous_empty(nbytes: int) -> torch.Tensor:

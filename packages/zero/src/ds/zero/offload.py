@@ -34,17 +34,12 @@ import torch
 from ds.core.errors import ConfigError
 from ds.core.optimizers import AdamWithoutBiasCorrection
 from ds.zero.cpu_adam import CPUAdagrad, CPUAdam
-from ds.zero.host_memory import host_empty
+from ds.zero.host_memory import host_empty, pin_host_memory
 
 if TYPE_CHECKING:
     from ds.core.partition import OptimizerFactory
     from ds.zero.config import OffloadConfig
     from ds.zero.flat_group import FlatGroup
-
-
-def pin_host_memory(offload: OffloadConfig) -> bool:
-    """Page-locked buffers only help (and only exist) with an accelerator to copy to."""
-    return offload.pin_memory and torch.cuda.is_available()
 
 
 def _adam_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]] | None:

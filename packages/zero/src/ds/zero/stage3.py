@@ -48,8 +48,9 @@ from ds.core.state_names import (
     optimizer_state_shards,
 )
 from ds.zero.disk_adam import moments_in_memory, store_loaded_moments
+from ds.zero.host_memory import pin_host_memory
 from ds.zero.init_layout import adopt_init_shards, release_init_shards
-from ds.zero.offload import build_host_optimizer, pin_host_memory
+from ds.zero.offload import build_host_optimizer
 from ds.zero.stage3_trace import ForwardOrderTrace, PrefetchPlan, apply_prefetch_plan, prefetch_plan, prefetch_window
 from ds.zero.zeropp import ZeroPlusPlus
 
