@@ -5,7 +5,7 @@ device, bf16 gradients on the host when the reduction is bf16)."""
 
 from __future__ import annotations
 
-import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +16,8 @@ from ds.core.testing.parity import train_rank
 pytestmark = pytest.mark.gpu
 
 
-def _config(stage: int, offload: str | None = None, reduce_dtype: str | None = None) -> dict:
+def _config(stage: int, offload: str | None = None, reduce_dtype: str | None = None,
+            nvme_path: Path | None = None) -> dict:
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 2,
@@ -28,18 +29,20 @@ def _config(stage: int, offload: str | None = None, reduce_dtype: str | None = N
         "zero_optimization": {"stage": stage, "reduce_bucket_size": 700, "stage3_param_persistence_threshold": 0},
     }
     if offload is not None:
-        folder = tempfile.mkdtemp(prefix="ds-gpu-nvme-") if offload == "nvme" else None
+        folder = str(nvme_path) if offload == "nvme" else None
         config["zero_optimization"]["offload_optimizer"] = {"device": offload, "nvme_path": folder, "pin_memory": True}
     return config
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(("stage", "offload", "reduce_dtype"),
-                         [(1, None, None), (2, None, None), (3, None, None), (1, "cpu", None), (2, "cpu", "bf16"),
-                          (3, "cpu", None), (2, "nvme", "bf16"), (3, "nvme", None)])
-def test_stage_on_cuda_matches_data_parallel(stage: int, offload: str | None, reduce_dtype: str | None) -> None:
+                         [(1, None, None), (2, None, None), (3, None, None), (1, "cpu", None), (2, "cpu", "fp32"),
+                          (3, "cpu", None), (2, "nvme", None), (3, "nvme", None)])
+def test_stage_on_cuda_matches_data_parallel(stage: int, offload: str | None, reduce_dtype: str | None,
+                                             tmp_path: Path) -> None:
+    """Unset, the reduction is bf16 (the compute dtype); one case keeps fp32 host gradients."""
     (reference,) = run_distributed(train_rank, 1, _config(0, reduce_dtype=reduce_dtype), 10)
-    (result,) = run_distributed(train_rank, 1, _config(stage, offload, reduce_dtype), 10)
+    (result,) = run_distributed(train_rank, 1, _config(stage, offload, reduce_dtype, tmp_path), 10)
     torch.testing.assert_close(torch.tensor(result[0]), torch.tensor(reference[0]), rtol=2e-2, atol=1e-3)
     for name, ref in reference[1].items():
         assert result[1][name].is_cuda
