@@ -1,7 +1,9 @@
 """The ``zero_optimization`` config section, with DeepSpeed's keys, defaults and meaning.
 
-Values ds accepts but does not implement yet (parameter offload to NVMe, MiCS) are
+Values ds accepts but does not implement yet (MiCS, ``reduce_scatter: false``) are
 rejected when the config loads, with the key named, never silently ignored.
+``offload_param: {device: nvme}`` (stage 3 only) keeps parameter shards in files under
+``nvme_path`` between uses (:mod:`ds.zero.param_swap`).
 """
 
 from __future__ import annotations
@@ -97,7 +99,6 @@ class ZeroConfig(SectionModel):
     @model_validator(mode="after")
     def _not_yet(self) -> ZeroConfig:
         unsupported = {
-            "offload_param.device nvme": self.offload_param.device == "nvme",
             "mics_shard_size": self.mics_shard_size > 0,
             "reduce_scatter": not self.reduce_scatter,
         }

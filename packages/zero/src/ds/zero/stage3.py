@@ -24,11 +24,18 @@ representation DESIGN.md fixes. ds adds DeepSpeed's configuration and semantics:
   runs as ds-zero's CPU Adam/AdamW/Adagrad on each DTensor's local shard
   (:func:`ds.zero.offload.build_host_optimizer`); with ``nvme`` Adam's moments of each
   local shard live in files and stream through the step. No bf16 copy is written in
-  the step: FSDP2 casts the fp32 shard while copying it into its all-gather buffer.
+  the step: FSDP2 casts the fp32 shard while copying it into its all-gather buffer;
+* ``offload_param: {device: nvme}`` (ZeRO-Infinity): as with ``cpu``, and the shard units'
+  CPU shards live in files between uses, so the host holds a window of ``1 + 2 * ahead``
+  units in forward and backward instead of the whole model; the step streams one unit
+  at a time through the host optimizer (:mod:`ds.zero.param_swap`). The optimizer state
+  stays in memory unless ``offload_optimizer`` puts it on disk too. Checkpoint saves and
+  loads bring every unit into memory once (the next forward or step releases them).
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,7 +58,9 @@ from ds.zero.disk_adam import moments_in_memory, store_loaded_moments
 from ds.zero.host_memory import pin_host_memory
 from ds.zero.init_layout import adopt_init_shards, release_init_shards
 from ds.zero.offload import build_host_optimizer
+from ds.zero.param_swap import ParamSwap
 from ds.zero.stage3_trace import ForwardOrderTrace, PrefetchPlan, apply_prefetch_plan, prefetch_plan, prefetch_window
+from ds.zero.swap import SwapConfig
 from ds.zero.zeropp import ZeroPlusPlus
 
 if TYPE_CHECKING:
@@ -77,11 +86,26 @@ def _numel(module: nn.Module) -> int:
 
 
 def _host_offload(zero: ZeroConfig) -> OffloadConfig | None:
-    """The offload section that puts the shards on the CPU (optimizer's first), or None."""
-    for offload in (zero.offload_optimizer, zero.offload_param):
-        if offload.device != "none":
-            return offload
+    """The offload section the host optimizer follows (optimizer's first), or None.
+
+    Parameters on disk alone keep the optimizer state in memory, as ``offload_param: cpu``
+    does: the moments go to disk only where ``offload_optimizer`` asks for it.
+    """
+    if zero.offload_optimizer.device != "none":
+        return zero.offload_optimizer
+    if zero.offload_param.device != "none":
+        return zero.offload_param.model_copy(update={"device": "cpu"})
     return None
+
+
+def _param_swap(module: nn.Module, units: list[nn.Module], zero: ZeroConfig, rank: int, ahead: int) -> ParamSwap | None:
+    """ZeRO-Infinity's parameter offload when ``offload_param.device`` is nvme, else None."""
+    offload = zero.offload_param
+    if offload.device != "nvme" or not units:
+        return None
+    assert offload.nvme_path is not None  # the config requires it
+    config = SwapConfig(buffer_count=offload.buffer_count, pin_memory=pin_host_memory(offload))
+    return ParamSwap(module, units, nvme_path=offload.nvme_path, rank=rank, ahead=ahead, config=config)
 
 
 def _offload_policy(zero: ZeroConfig) -> OffloadPolicy:
@@ -131,6 +155,8 @@ class FullyShardedPartitioner(Partitioner):
         self.prefetch = PrefetchPlan(tuple(units), prefetch_window(units, self._ahead), {})
         """The prefetch lists in force; ``order`` is the traced forward order once the first step ended."""
         apply_prefetch_plan(self.prefetch, units)
+        # Registered after fully_shard, so its hooks can run before FSDP2's.
+        self._param_swap = _param_swap(module, units, zero, context.comm.rank, self._ahead)
         self._trace: ForwardOrderTrace | None = ForwardOrderTrace(module, units) if len(units) > 1 else None
         self.module = module
         self._root: FSDPModule = module  # type: ignore[assignment]
@@ -172,7 +198,10 @@ class FullyShardedPartitioner(Partitioner):
         return [local(p.grad) for _, p in self._named if p.grad is not None]
 
     def step(self) -> None:
-        self.optimizer.step()
+        if self._param_swap is None:
+            self.optimizer.step()
+        else:
+            self._param_swap.step(self.optimizer.step, [p for _, p in self._named])
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -183,30 +212,52 @@ class FullyShardedPartitioner(Partitioner):
         """After the first step's forward: prefetch in the order the units really ran."""
         self.prefetch = prefetch_plan(trace.order, self._ahead)
         apply_prefetch_plan(self.prefetch, self._units)
+        if self._param_swap is not None:
+            self._param_swap.use_order(self.prefetch.order)
         trace.remove()
         self._trace = None
 
     # -- checkpoints and accounting -------------------------------------------------------
 
     def checkpoint_shards(self) -> list[TensorShard]:
+        if self._param_swap is not None:  # the shards are written after this returns; the next use releases them
+            self._param_swap.ensure_all()
         with moments_in_memory(self.optimizer):
             return master_shards(self._segments) + optimizer_state_shards(self.optimizer, self._segments)
 
     def load_checkpoint(self, reader: CheckpointReader) -> None:
+        if self._param_swap is not None:  # frozen parameters are loaded after this returns
+            self._param_swap.ensure_all()
+            self._param_swap.mark_all_changed()
         load_masters(reader, self._segments)
         load_optimizer_state(self.optimizer, reader, self._segments)
         store_loaded_moments(self.optimizer)
 
     def gather_full_parameters(self) -> dict[str, torch.Tensor]:
-        # Offloaded shards sit on the CPU, where an NCCL group cannot gather them.
-        return {name: p.detach().to(self._comm.device).full_tensor() for name, p in self._named}
+        """One unit in memory at a time when the shards live on disk."""
+        unit_of = {id(p): unit for unit in self._units for p in unit.parameters()}
+        full: dict[str, torch.Tensor] = {}
+        for unit in [*self._units, None]:
+            with self._holding(unit):
+                for name, p in self._named:
+                    if unit_of.get(id(p)) is unit:
+                        # Offloaded shards sit on the CPU, where an NCCL group cannot gather them.
+                        full[name] = p.detach().to(self._comm.device).full_tensor()
+        return {name: full[name] for name, _ in self._named}
+
+    def _holding(self, unit: nn.Module | None) -> AbstractContextManager[None]:
+        return nullcontext() if self._param_swap is None or unit is None else self._param_swap.holding(unit)
 
     def state_bytes(self) -> dict[str, int]:
         def nbytes(t: torch.Tensor) -> int:
             t = local(t)
             return t.numel() * t.element_size()
 
-        params = sum(nbytes(p) for _, p in self._named)
         grads = sum(nbytes(p.grad) for _, p in self._named if p.grad is not None)
         state = sum(nbytes(v) for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
-        return {"params": params, "gradients": grads, "optimizer": state}
+        if self._param_swap is None:
+            return {"params": sum(nbytes(p) for _, p in self._named), "gradients": grads, "optimizer": state}
+        swapped = {id(p) for unit in self._units for p in unit.parameters()}
+        in_memory = sum(nbytes(p) for _, p in self._named if id(p) not in swapped) + self._param_swap.resident_bytes()
+        return {"params": in_memory, "params_on_disk": self._param_swap.total_bytes(), "gradients": grads,
+                "optimizer": state}
