@@ -28,12 +28,17 @@ BUCKET = 50_000_000
 
 @dataclass(frozen=True)
 class Mode:
-    """One way to train; ``offload`` says where optimizer state (and at stage 3 parameters) live."""
+    """One way to train; ``offload`` says where optimizer state (and at stage 3 parameters) live.
+
+    ``params_on_disk``: ZeRO-Infinity at stage 3, the parameter shards in files under
+    ``--nvme-path`` too (``offload_param: {device: nvme}``), not in host memory.
+    """
 
     name: str
     framework: Framework
     stage: int | None = None
     offload: Offload = "none"
+    params_on_disk: bool = False
 
     @property
     def needs_deepspeed(self) -> bool:
@@ -52,6 +57,8 @@ def _modes() -> dict[str, Mode]:
     for framework in ("ds", "deepspeed"):
         modes += [Mode(f"{framework}-zero{stage}-offload-cpu", framework, stage, "cpu") for stage in (2, 3)]  # type: ignore[arg-type]
     modes.append(Mode("ds-zero2-offload-nvme", "ds", 2, "nvme"))
+    modes += [Mode(f"{framework}-zero3-offload-nvme-param", framework, 3, "nvme", params_on_disk=True)  # type: ignore[arg-type]
+              for framework in ("ds", "deepspeed")]
     return {mode.name: mode for mode in modes}
 
 
@@ -78,6 +85,11 @@ def engine_config(mode: Mode, *, micro_batch: int, grad_accum: int, nvme_path: P
     elif mode.offload == "nvme":
         assert nvme_path is not None, "train_llm.parse_args asks for --nvme-path"
         zero["offload_optimizer"] = {"device": "nvme", "nvme_path": str(nvme_path), "pin_memory": True}
+    if mode.params_on_disk:
+        # DeepSpeed's parameter swap buffers must each hold the largest parameter (a 6.7B
+        # model's embedding is 131M elements); ds reads through its own 16 MiB buffers.
+        zero["offload_param"] = {"device": "nvme", "nvme_path": str(nvme_path), "pin_memory": True,
+                                 "buffer_count": 5, "buffer_size": 200_000_000}
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,

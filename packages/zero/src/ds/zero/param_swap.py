@@ -103,7 +103,8 @@ class ParamSwap:
         folder = tempfile.mkdtemp(prefix=f"ds_zero_params_rank{rank}_", dir=nvme_path)
         self._swapper = TensorSwapper(folder, config)
         weakref.finalize(self, _close_and_remove, self._swapper.close, Path(folder))
-        self._units = {unit: self._describe(index, unit) for index, unit in enumerate(units)}
+        self._modules = tuple(units)
+        self._units: dict[nn.Module, _Unit] = {}  # described at the first forward, after FSDP2's lazy init
         self._ahead = ahead
         self._ready = False
         self._backward = False
@@ -128,19 +129,23 @@ class ParamSwap:
 
     def use_order(self, order: Sequence[nn.Module]) -> None:
         """The forward order the schedule follows (registration order until traced)."""
-        known = [unit for unit in order if unit in self._units]
+        known = [unit for unit in order if unit in self._modules]
         self._order = tuple(known)
         self._reverse = tuple(known[::-1])
 
     # -- accounting --------------------------------------------------------------------
 
+    def _described(self) -> list[_Unit]:
+        return list(self._units.values()) if self._ready else \
+            [self._describe(index, unit) for index, unit in enumerate(self._modules)]
+
     def resident_bytes(self) -> int:
         """Bytes of swapped units' shards in host memory now (reads in flight included)."""
-        return sum(storage.nbytes() for unit in self._units.values() for storage in unit.storages)
+        return sum(storage.nbytes() for unit in self._described() for storage in unit.storages)
 
     def total_bytes(self) -> int:
-        """Bytes of all swapped units' shards, which the files hold."""
-        return sum(unit.size for unit in self._units.values())
+        """Bytes of all swapped units' shards, which the files hold (once the first forward began)."""
+        return sum(unit.size for unit in self._described())
 
     def window_units(self) -> int:
         """The most units the forward and backward schedules hold at once: in use, prefetched, read ahead."""
@@ -150,6 +155,7 @@ class ParamSwap:
 
     def _root_forward_starts(self, module: nn.Module, args: Any) -> None:
         if not self._ready:  # FSDP2's lazy init (just before this hook) has re-padded every shard
+            self._units = {unit: self._describe(index, unit) for index, unit in enumerate(self._modules)}
             self._write_all_files()
             self._ready = True
         self._backward = False
@@ -294,7 +300,7 @@ class ParamSwap:
         """
         grads = {id(p): p.grad for p in trainable}
         in_unit = {id(p) for module in self._units for p in module.parameters()}
-        sequence = _distinct([*self._reverse, *self._units])
+        sequence = _distinct([*self._reverse, *self._units]) if self._ready else []
         keep = set(_distinct(self._order[:1 + self._ahead]))
         try:
             for p in trainable:
