@@ -52,8 +52,9 @@ def test_stage_on_cuda_matches_data_parallel(stage: int, offload: str | None, re
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("optimizer_offload", ["cpu", "nvme"])
 def test_stage3_params_on_disk_match_data_parallel(optimizer_offload: str, tmp_path: Path) -> None:
-    """ZeRO-Infinity: parameter shards in files (page-locked while in memory), the optimizer on
-    the CPU or its moments on disk too; losses and weights within 2e-2 of data parallelism."""
+    """ZeRO-Infinity: parameter shards in files (pageable while in memory, pinned swap buffers),
+    the optimizer on the CPU or its moments on disk too; losses and weights within 2e-2 of data
+    parallelism."""
     config = _config(3, optimizer_offload, nvme_path=tmp_path / "moments")
     config["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": str(tmp_path / "params"),
                                                     "pin_memory": True}

@@ -27,8 +27,9 @@ FSDP2 re-pads every sharded parameter at its lazy initialisation (the root's fir
 forward) and after ``module.to()``/``load_state_dict``, reading the storage; the files
 are therefore written, and the first unit released, only after that first forward has
 begun, and ``module.to()``/``load_state_dict`` on the sharded model are not supported.
-Memory freed from pinned shards goes back to torch's pinned caching allocator, which
-waits for the pending non-blocking copies out of it before reusing it.
+torch's pinned tensors cannot be resized, so the shards are pageable (stage 3 does not pin
+them with this offload): FSDP2's non-blocking copy out of a pageable shard has left the
+shard once the call returns, so freeing it right after is safe.
 """
 
 from __future__ import annotations
@@ -261,10 +262,13 @@ class ParamSwap:
                 unit.free_after_write = False
 
     def _write_all_files(self) -> None:
-        for module in self._units:
+        for module, unit in self._units.items():
             if not fsdp_reads_local_shard(module):
                 raise DsError("FSDP2 no longer copies parameters in from their local shards' storage in this "
                               "torch version, which offload_param nvme relies on; use offload_param cpu.")
+            if not all(storage.resizable() for storage in unit.storages):
+                raise DsError("offload_param nvme frees parameter shards by resizing their storage, but these "
+                              "cannot be resized (pinned by torch?); keep FSDP2's CPUOffloadPolicy unpinned.")
             self.write_back(module)
         self._retire_writes(block=True)
 

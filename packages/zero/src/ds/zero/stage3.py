@@ -112,7 +112,10 @@ def _offload_policy(zero: ZeroConfig) -> OffloadPolicy:
     offloads = [o for o in (zero.offload_optimizer, zero.offload_param) if o.device != "none"]
     if not offloads:
         return OffloadPolicy()
-    return CPUOffloadPolicy(pin_memory=any(pin_host_memory(o) for o in offloads))
+    # Shards on disk are freed by resizing their storage, which torch's pinned tensors refuse:
+    # there the shards stay pageable and pin_memory pins the swap's I/O buffers only.
+    pin = zero.offload_param.device != "nvme" and any(pin_host_memory(o) for o in offloads)
+    return CPUOffloadPolicy(pin_memory=pin)
 
 
 def _units_ahead(units: list[nn.Module], zero: ZeroConfig) -> int:
