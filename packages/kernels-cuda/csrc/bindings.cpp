@@ -89,6 +89,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("column_sum", [](Ptr partial, Ptr out, int64_t rows, int64_t columns, int out_dtype, Stream s) {
     check(ds::column_sum(partial, out, rows, columns, out_dtype, s), "column_sum");
   });
+  m.def("column_sum2", [](Ptr partial0, Ptr out0, int out0_dtype, Ptr partial1, Ptr out1, int out1_dtype,
+                          int64_t rows, int64_t columns, Stream s) {
+    check(ds::column_sum2(partial0, out0, out0_dtype, partial1, out1, out1_dtype, rows, columns, s), "column_sum2");
+  });
   m.def("norm_max_hidden", &ds::norm_max_hidden);
   m.def("norm_backward_partials", [](int64_t rows, int64_t hidden, bool rms, int x_dtype, int w_dtype) {
     int partials = 0;

@@ -71,6 +71,11 @@ const char* norm_backward(Ptr dy, Ptr x, Ptr weight, Ptr dx, Ptr dweight_partial
 const char* column_sum(Ptr partial, Ptr out, std::int64_t rows, std::int64_t columns,
                        int out_dtype, std::uintptr_t stream);
 
+// column_sum of two partials (LayerNorm's dweight and dbias), in one launch when the two
+// outputs share a dtype.
+const char* column_sum2(Ptr partial0, Ptr out0, int out0_dtype, Ptr partial1, Ptr out1, int out1_dtype,
+                        std::int64_t rows, std::int64_t columns, std::uintptr_t stream);
+
 // Largest hidden size the register-resident norm kernels accept; `vectorized` when hidden
 // is a multiple of 16 bytes' worth of elements and every row start is 16-byte aligned.
 std::int64_t norm_max_hidden(bool vectorized);

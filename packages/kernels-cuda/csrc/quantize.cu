@@ -1,15 +1,15 @@
 // Block-wise int8/int4 quantisation and dequantisation (symmetric and asymmetric).
 //
-// A chunk is 16 consecutive elements, so a group of G elements is G/16 neighbouring lanes
+// Quantize: a chunk is 16 consecutive elements, so a group of G elements is G/16 neighbouring lanes
 // of one warp and its absmax (or min and max) is a few shuffles; x is read once, codes and
 // the per-group scale/offset written once. Each thread takes one step: kChunks chunks, 256
 // chunks apart, all loads issued before any arithmetic, and the grid covers the tensor.
 // Measured on an H100 (bf16, 2^27 elements, % of device-to-device copy bandwidth):
 // quantize int8 with one chunk per thread 97-98% at group sizes 32-256 (two chunks 89%,
 // a resident grid walking the tensor 79-82%); int4 with two chunks 81% (one 79.5%, a
-// resident grid 67-76%); dequantize with two chunks 87% int8, 76% int4 (resident grid 77%
-// and 71%). Bits are a template parameter, so the per-element code has no branch on them.
-// (Those runs still checked bounds on every element; see quantize_chunk.)
+// resident grid 67-76%). Bits are a template parameter, so the per-element code has no
+// branch on them. (Those runs still checked bounds on every element; see quantize_chunk.)
+// Dequantize: the 8-output pieces of dequantize_pieces.h (96-97% of copy).
 //
 // Scales and reciprocals are rounded divisions even under --use_fast_math, and codes come
 // from one round-to-nearest-even conversion: the output matches the torch reference in
@@ -17,9 +17,11 @@
 #include <type_traits>
 
 #include "chunk_io.h"
+#include "dequantize_pieces.h"
 #include "dtypes.h"
 #include "kernels.h"
 #include "reduce.h"
+#include "woq_codes.h"
 
 namespace ds {
 namespace {
@@ -27,10 +29,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kPerThread = 16;  // elements per chunk
 
-// Chunks per thread per step: the measured optimum above.
+// Chunks per thread per step of the quantizer: the measured optimum above.
 template <int kBits>
 constexpr int kQuantizeChunks = kBits == 8 ? 1 : 2;
-constexpr int kDequantizeChunks = 2;
 
 // Largest code: 127 or 7 symmetric (codes in [-qmax, qmax]), 255 or 15 asymmetric.
 template <int kBits, bool kSymmetric>
@@ -127,78 +128,35 @@ quantize_kernel(const T* __restrict__ x, std::uint8_t* __restrict__ codes, float
   }
 }
 
-// The codes of one chunk as 32-bit words: four of int8 codes, two of packed int4.
-template <int kBits>
-__device__ __forceinline__ void load_codes(const std::uint8_t* __restrict__ codes, std::int64_t start,
-                                           std::int64_t numel, bool vectorized, std::uint32_t (&words)[4]) {
-  constexpr int kBytes = kPerThread * kBits / 8;
-  const std::uint8_t* in = codes + start * kBits / 8;
-  if (vectorized && start + kPerThread <= numel) {
-    if constexpr (kBits == 8) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(in));
-      words[0] = raw.x, words[1] = raw.y, words[2] = raw.z, words[3] = raw.w;
-    } else {
-      const uint2 raw = __ldg(reinterpret_cast<const uint2*>(in));
-      words[0] = raw.x, words[1] = raw.y, words[2] = words[3] = 0;
-    }
-  } else {
-    const std::int64_t available = ((numel - start) * kBits + 7) / 8;
-#pragma unroll
-    for (int w = 0; w < 4; ++w) words[w] = 0;
-#pragma unroll
-    for (int b = 0; b < kBytes; ++b) {  // unrolled, so words stays in registers
-      if (b < available) words[b / 4] |= static_cast<std::uint32_t>(in[b]) << (8 * (b % 4));
-    }
-  }
-}
-
+// int8 / int4 codes of a piece as exact floats (woq_codes.h: byte permutes under 2^23, nibbles
+// through the paired bf16 FMA), unsigned when asymmetric, two's complement when symmetric.
 template <int kBits, bool kSymmetric>
-__device__ __forceinline__ int code_at(const std::uint32_t (&words)[4], int k) {
-  if constexpr (kBits == 8) {
-    const int byte = static_cast<int>((words[k / 4] >> (8 * (k % 4))) & 0xffu);
-    return kSymmetric ? static_cast<int>(static_cast<std::int8_t>(byte)) : byte;
-  } else {
-    const int nibble = static_cast<int>((words[k / 8] >> (4 * (k % 8))) & 0xfu);
-    return kSymmetric ? (nibble ^ 8) - 8 : nibble;  // 4-bit two's complement
-  }
-}
+struct IntCodec {
+  static constexpr int kWords = pieces::kOut * kBits / 32;
+  static constexpr bool kOffsets = !kSymmetric;
 
-// Same chunk layout as quantize_kernel; bf16 outputs convert pairwise (store_floats), which
-// on an H100 beat the integer rounding here (77.6% of copy against 68.2%).
-template <typename T, int kBits, bool kSymmetric, int kLanes>
-__global__ void __launch_bounds__(kThreads)
-dequantize_kernel(const std::uint8_t* __restrict__ codes, const float* __restrict__ scales,
-                  const float* __restrict__ offsets, T* __restrict__ y, std::int64_t numel, bool vectorized) {
-  constexpr int kChunks = kDequantizeChunks;
-  const std::int64_t chunks = (numel + kPerThread - 1) / kPerThread;
-  const std::int64_t step = static_cast<std::int64_t>(gridDim.x) * kThreads * kChunks;
-  for (std::int64_t first = static_cast<std::int64_t>(blockIdx.x) * kThreads * kChunks + threadIdx.x; first < chunks;
-       first += step) {
-    std::uint32_t words[kChunks][4];
-    float scale[kChunks], offset[kChunks];
+  __device__ __forceinline__ static void decode(const std::uint32_t (&words)[kWords], float (&v)[pieces::kOut]) {
+    if constexpr (kBits == 8) {
+      float lo[4], hi[4];
+      woq::int8_floats<kSymmetric>(words[0], lo);
+      woq::int8_floats<kSymmetric>(words[1], hi);
 #pragma unroll
-    for (int j = 0; j < kChunks; ++j) {
-      const std::int64_t chunk = first + j * kThreads;
-      if (chunk < chunks) {
-        load_codes<kBits>(codes, chunk * kPerThread, numel, vectorized, words[j]);
-        scale[j] = __ldg(scales + chunk / kLanes);
-        offset[j] = kSymmetric ? 0.0f : __ldg(offsets + chunk / kLanes);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kChunks; ++j) {
-      const std::int64_t chunk = first + j * kThreads;
-      if (chunk < chunks) {
-        float v[kPerThread];
-#pragma unroll
-        for (int k = 0; k < kPerThread; ++k) {
-          v[k] = static_cast<float>(code_at<kBits, kSymmetric>(words[j], k)) * scale[j] + offset[j];
-        }
-        store_chunk(y, chunk * kPerThread, numel, vectorized, v);
-      }
+      for (int k = 0; k < 4; ++k) v[k] = lo[k], v[k + 4] = hi[k];
+    } else {
+      woq::int4_floats<kSymmetric>(words[0], v);
     }
   }
-}
+
+  __device__ __forceinline__ static float code(const std::uint8_t* __restrict__ codes, std::int64_t e) {
+    if constexpr (kBits == 8) {
+      const int byte = codes[e];
+      return static_cast<float>(kSymmetric ? static_cast<int>(static_cast<std::int8_t>(byte)) : byte);
+    } else {
+      const int nibble = (codes[e / 2] >> (4 * (e % 2))) & 0xf;
+      return static_cast<float>(kSymmetric ? (nibble ^ 8) - 8 : nibble);  // 4-bit two's complement
+    }
+  }
+};
 
 const char* check_spec(int group_size, int bits) {
   if (group_size != 32 && group_size != 64 && group_size != 128 && group_size != 256) {
@@ -259,18 +217,19 @@ const char* dequantize_blockwise(Ptr codes, Ptr scales, Ptr offsets, Ptr y, std:
                                  std::uintptr_t stream_handle) {
   if (const char* error = check_spec(group_size, bits)) return error;
   if (numel == 0) return nullptr;
+  if (const char* error = pieces::check_aligned(codes, y)) return error;
   const ds_stream_t stream = as_stream(stream_handle);
-  const bool vectorized = aligned16(y) && aligned16(codes);
   auto* cp = reinterpret_cast<const std::uint8_t*>(codes);
   auto* sp = reinterpret_cast<const float*>(scales);
   auto* op = reinterpret_cast<const float*>(offsets);
   DS_DISPATCH_FLOAT(dtype, T,
-    return with_bits_and_lanes(bits, group_size, [&](auto b, auto lanes) -> const char* {
-      constexpr int B = decltype(b)::value;
-      constexpr int L = decltype(lanes)::value;
-      auto kernel = symmetric ? dequantize_kernel<T, B, true, L> : dequantize_kernel<T, B, false, L>;
-      kernel<<<grid_for(numel, kDequantizeChunks), kThreads, 0, stream>>>(cp, sp, op, reinterpret_cast<T*>(y), numel,
-                                                                          vectorized);
+    return pieces::with_group(group_size, [&](auto group) -> const char* {
+      constexpr int G = decltype(group)::value;
+      auto kernel = bits == 8 ? (symmetric ? pieces::dequantize_kernel<T, IntCodec<8, true>, G>
+                                           : pieces::dequantize_kernel<T, IntCodec<8, false>, G>)
+                              : (symmetric ? pieces::dequantize_kernel<T, IntCodec<4, true>, G>
+                                           : pieces::dequantize_kernel<T, IntCodec<4, false>, G>);
+      kernel<<<pieces::grid_for(numel), pieces::kThreads, 0, stream>>>(cp, sp, op, reinterpret_cast<T*>(y), numel);
       DS_RETURN_LAUNCH_STATUS();
     }));
   return nullptr;

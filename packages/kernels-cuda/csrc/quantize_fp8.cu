@@ -1,15 +1,17 @@
 // Block-wise fp8 (e4m3 / e5m2) quantisation and dequantisation with one float32 scale per group.
 //
-// The layout follows quantize.cu: every thread owns 16 consecutive elements, a group of G
+// Quantize follows quantize.cu: every thread owns 16 consecutive elements, a group of G
 // elements is G/16 neighbouring lanes whose amax is a few shuffles, x is read once and the
 // codes (16 bytes per thread) and scale written once. Conversions use the hardware's
 // saturating round-to-nearest-even fp8 conversion (sm_89 and newer; cuda_fp8.h emulates it
 // on older targets, which the Python side does not offer). The scale and its reciprocal are
 // correctly rounded (the build uses --use_fast_math), so codes equal torch's own conversion.
+// Dequantize is the 8-output-piece kernel of dequantize_pieces.h, shared with int8/int4.
 //
 // HIP: ROCm's fp8 headers differ between releases and between the OCP and "fnuz" formats of
 // MI300, so the HIP build leaves these kernels out and fp8_compiled() says so.
 #include "chunk_io.h"
+#include "dequantize_pieces.h"
 #include "dtypes.h"
 #include "kernels.h"
 #include "reduce.h"
@@ -87,30 +89,27 @@ quantize_fp8_kernel(const T* __restrict__ x, std::uint8_t* __restrict__ codes, f
   }
 }
 
-template <typename T, int kFormat>
-__global__ void __launch_bounds__(kThreads)
-dequantize_fp8_kernel(const std::uint8_t* __restrict__ codes, const float* __restrict__ scales,
-                      T* __restrict__ y, std::int64_t numel, int group_size, bool vectorized) {
-  const std::int64_t thread = static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const std::int64_t start = thread * kPerThread;
-  if (start >= numel) return;
-  const float scale = scales[start / group_size];
-  Codes packed;
-  if (vectorized && start + kPerThread <= numel) {
-    packed = *reinterpret_cast<const Codes*>(codes + start);
-  } else {
-    for (int k = 0; k < kPerThread; ++k) packed.v[k] = start + k < numel ? codes[start + k] : 0;
-  }
-  float v[kPerThread];
+// fp8 codes of a piece as exact floats: pairs through the hardware fp8x2 -> half2 conversion.
+template <int kFormat>
+struct Fp8Codec {
+  static constexpr int kWords = 2;
+  static constexpr bool kOffsets = false;
+
+  __device__ __forceinline__ static void decode(const std::uint32_t (&words)[kWords], float (&v)[pieces::kOut]) {
 #pragma unroll
-  for (int k = 0; k < kPerThread; k += 2) {
-    const auto pair = static_cast<__nv_fp8x2_storage_t>(packed.v[k] | (packed.v[k + 1] << 8));
-    const __half2 halves(__nv_cvt_fp8x2_to_halfraw2(pair, Fp8<kFormat>::kind));  // exact
-    v[k] = __low2float(halves) * scale;
-    v[k + 1] = __high2float(halves) * scale;
+    for (int k = 0; k < pieces::kOut; k += 2) {
+      const auto pair = static_cast<__nv_fp8x2_storage_t>(words[k / 4] >> (8 * (k % 4)));
+      const __half2 halves(__nv_cvt_fp8x2_to_halfraw2(pair, Fp8<kFormat>::kind));  // exact
+      v[k] = __low2float(halves);
+      v[k + 1] = __high2float(halves);
+    }
   }
-  store_chunk(y, start, numel, vectorized, v);
-}
+
+  __device__ __forceinline__ static float code(const std::uint8_t* __restrict__ codes, std::int64_t e) {
+    const __half half(__nv_cvt_fp8_to_halfraw(codes[e], Fp8<kFormat>::kind));
+    return __half2float(half);
+  }
+};
 
 unsigned blocks_for(std::int64_t numel) {
   const std::int64_t threads = (numel + kPerThread - 1) / kPerThread;
@@ -163,19 +162,20 @@ const char* dequantize_fp8(Ptr codes, Ptr scales, Ptr y, std::int64_t numel, int
                            int dtype, std::uintptr_t stream_handle) {
   if (const char* error = check_fp8_spec(group_size, fp8_format)) return error;
   if (numel == 0) return nullptr;
+  if (const char* error = pieces::check_aligned(codes, y)) return error;
   const ds_stream_t stream = as_stream(stream_handle);
-  const bool vectorized = aligned16(codes) && aligned16(y);
   const auto* cp = reinterpret_cast<const std::uint8_t*>(codes);
   const auto* sp = reinterpret_cast<const float*>(scales);
-  const unsigned blocks = blocks_for(numel);
   DS_DISPATCH_FLOAT(dtype, T,
-    auto* yp = reinterpret_cast<T*>(y);
-    if (fp8_format == 0) {
-      dequantize_fp8_kernel<T, 0><<<blocks, kThreads, 0, stream>>>(cp, sp, yp, numel, group_size, vectorized);
-    } else {
-      dequantize_fp8_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(cp, sp, yp, numel, group_size, vectorized);
-    });
-  DS_RETURN_LAUNCH_STATUS();
+    return pieces::with_group(group_size, [&](auto group) -> const char* {
+      constexpr int G = decltype(group)::value;
+      auto kernel = fp8_format == 0 ? pieces::dequantize_kernel<T, Fp8Codec<0>, G>
+                                    : pieces::dequantize_kernel<T, Fp8Codec<1>, G>;
+      kernel<<<pieces::grid_for(numel), pieces::kThreads, 0, stream>>>(cp, sp, nullptr, reinterpret_cast<T*>(y),
+                                                                       numel);
+      DS_RETURN_LAUNCH_STATUS();
+    }));
+  return nullptr;
 }
 
 #endif  // DS_KERNELS_HIP

@@ -52,9 +52,11 @@ def randn(*shape: int, dtype: torch.dtype, noncontiguous: bool = False) -> torch
 # Layouts: 16-byte vectors with 1-8 per thread and four rows to a block (1000 bf16: 51 rows,
 # the last block part-filled); 8-byte vectors (4092 in 16-bit types, 1002 in float32); single
 # elements (3001; 1002 in 16-bit types); the widest row (16384); more row tiles than resident
-# blocks, so each backward block accumulates many rows (20001 x 256).
+# blocks, so each backward block accumulates many rows (20001 x 256). 16-bit LayerNorm rows of
+# 4097-8192 take the streamed-rows backward (shared-memory dweight/dbias, next row prefetched):
+# 5120 and 6000 leave some threads fewer vectors; 600 and 301 rows give blocks several rows.
 NORM_SHAPES = [(1, 8), (3, 17, 1000), (64, 4096), (7, 5120), (2, 16384), (5, 3001), (33, 8192), (9, 4092),
-               (4, 1002), (20001, 256)]
+               (4, 1002), (20001, 256), (600, 8192), (301, 6000)]
 
 
 def check_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, bound: float) -> None:
@@ -106,6 +108,18 @@ def test_norm_with_float32_weight_on_bf16_input(kind: str, hidden: int) -> None:
     weight = (torch.rand(hidden, device="cuda") + 0.5).requires_grad_()
     bias = torch.randn(hidden, device="cuda", requires_grad=True) if kind == "layer" else None
     check_norm(x, weight, bias, kind, BOUND[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [4104, 8192])
+def test_layer_norm_streamed_rows_with_other_parameter_dtypes(dtype: torch.dtype, hidden: int) -> None:
+    """The streamed-rows backward with a float32 weight and bias, and with a float32 bias beside a
+    16-bit weight (its two gradient column sums then take separate launches); non-contiguous x."""
+    x = randn(700, hidden, dtype=dtype, noncontiguous=True).requires_grad_()
+    for weight_dtype in (torch.float32, dtype):
+        weight = (torch.rand(hidden, device="cuda", dtype=weight_dtype) + 0.5).requires_grad_()
+        bias = torch.randn(hidden, device="cuda", requires_grad=True)
+        check_norm(x, weight, bias, "layer", BOUND[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -247,6 +261,30 @@ def test_blockwise_quantization(dtype, bits: int, symmetric: bool, numel: int, g
     rounding = (x.double().abs() + step) * torch.finfo(dtype).eps
     rounding += 2 * torch.finfo(torch.float32).eps * ((x.double() - offset).abs() + step)
     assert torch.all((back.double() - x.double()).abs() <= step / 2 * (1 + 1e-5) + rounding)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("bits", "symmetric"), [(8, True), (4, False)])
+def test_dequantize_of_strided_and_misaligned_codes(dtype, bits: int, symmetric: bool) -> None:
+    """Codes as an every-other-byte view and as a view one byte into a buffer: the launcher's
+    contiguous, 16-byte aligned copy gives the same output as the codes themselves."""
+    from ds.kernels.cuda import opdefs
+
+    numel, group = 50001, 128  # 6250 whole 8-element pieces and a tail of one
+    x = torch.randn(numel, device="cuda", dtype=dtype)
+    codes, scales, offsets = torch.ops.ds.quantize_blockwise(x, group, bits, symmetric)
+    poison()
+    want = torch.ops.ds.dequantize_blockwise(codes, scales, offsets, numel, group, bits, symmetric, dtype)
+    ref = opdefs.dequantize_blockwise(codes, scales, offsets, numel, group, bits, symmetric, torch.float64)
+    assert rel_error(want, ref) < BOUND[dtype]
+    strided = torch.empty(codes.numel() * 2, device="cuda", dtype=codes.dtype)
+    strided[::2] = codes
+    shifted = torch.empty(codes.numel() + 1, device="cuda", dtype=codes.dtype)[1:]
+    shifted.copy_(codes)
+    for view in (strided[::2], shifted):
+        poison()
+        got = torch.ops.ds.dequantize_blockwise(view, scales, offsets, numel, group, bits, symmetric, dtype)
+        assert torch.equal(got, want)
 
 
 def test_torch_compile_of_a_model_using_the_kernels() -> None:

@@ -79,9 +79,11 @@ def _backward(ext: ModuleType, grad: Tensor, x: Tensor, weight: Tensor, eps: flo
             dw_partial.zero_()
             if db_partial is not None:
                 db_partial.zero_()
-        ext.column_sum(dw_partial.data_ptr(), dweight.data_ptr(), partials, hidden, dtype_code(weight.dtype), s)
         if dbias is not None and db_partial is not None:
-            ext.column_sum(db_partial.data_ptr(), dbias.data_ptr(), partials, hidden, dtype_code(dbias.dtype), s)
+            ext.column_sum2(dw_partial.data_ptr(), dweight.data_ptr(), dtype_code(weight.dtype), db_partial.data_ptr(),
+                            dbias.data_ptr(), dtype_code(dbias.dtype), partials, hidden, s)
+        else:
+            ext.column_sum(dw_partial.data_ptr(), dweight.data_ptr(), partials, hidden, dtype_code(weight.dtype), s)
     return dx.view(x.shape), dweight, dbias
 
 
