@@ -197,3 +197,26 @@ def test_offload_configs_ds_cannot_honour_are_rejected(zero: dict[str, Any], pro
 
     with pytest.raises(ConfigError, match=problem):
         load_config({"train_batch_size": 2, "zero_optimization": zero}, world_size=1)
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_fused_adam_offloads_as_cpu_adam_with_its_settings(bias_correction: bool) -> None:
+    """A config's Adam is built as ds's FusedAdam when the parameters look like CUDA tensors
+    (stage 3's CPU-offloaded DTensors on a GPU mesh do); offload must still run CPU Adam."""
+    from ds.core.optimizer_classes import FusedAdam
+    from ds.zero.config import OffloadConfig
+    from ds.zero.cpu_adam import CPUAdam
+    from ds.zero.offload import build_host_optimizer
+
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(2)]
+
+    def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        return FusedAdam(groups, lr=1e-3, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1,
+                         bias_correction=bias_correction, decoupled_weight_decay=False)
+
+    built = build_host_optimizer(make, [{"params": params}], OffloadConfig(device="cpu"), rank=0)
+    assert isinstance(built, CPUAdam)
+    (group,) = built.param_groups
+    assert group["bias_correction"] is bias_correction
+    assert group["decoupled_weight_decay"] is False
+    assert group["betas"] == (0.8, 0.9) and group["weight_decay"] == 0.1

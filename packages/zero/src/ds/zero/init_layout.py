@@ -98,12 +98,14 @@ def release_init_shards(module: nn.Module, dp_mesh: DeviceMesh) -> dict[str, tor
     return shards
 
 
-def adopt_init_shards(module: nn.Module, shards: dict[str, torch.Tensor]) -> None:
+def adopt_init_shards(module: nn.Module, shards: dict[str, torch.Tensor], *, offload_to_cpu: bool) -> None:
     """Put the shards :func:`release_init_shards` kept into ``fully_shard``'s parameters.
 
     ``fully_shard`` made a sharded ``DTensor`` with empty (meta) storage for each
     placeholder; it is replaced by one over the kept shard, which FSDP picks up at its
-    lazy initialisation as it does after ``to_empty``.
+    lazy initialisation as it does after ``to_empty``. Under FSDP2's CPU offload the
+    shards must be CPU tensors by then (its lazy initialisation refuses device ones), so
+    ``offload_to_cpu`` moves each one to the host as it is adopted.
     """
     for fqn, local in shards.items():
         owner_name, _, name = fqn.rpartition(".")
@@ -116,8 +118,9 @@ def adopt_init_shards(module: nn.Module, shards: dict[str, torch.Tensor]) -> Non
                 f"ds.zero.Init's shard of {fqn} has shape {tuple(local.shape)} but fully_shard expects "
                 f"{tuple(expected)}; torch changed how it chunks parameters, please report this."
             )
+        placed = local.to(device="cpu" if offload_to_cpu else local.device, dtype=sharded.dtype)
         adopted = DTensor.from_local(
-            local.to(dtype=sharded.dtype), sharded.device_mesh, sharded.placements,
+            placed, sharded.device_mesh, sharded.placements,
             run_check=False, shape=sharded.shape, stride=sharded.stride(),
         )
         replacement = nn.Parameter(adopted, requires_grad=sharded.requires_grad)

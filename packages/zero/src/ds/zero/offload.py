@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ds.core.errors import ConfigError
+from ds.core.optimizer_classes import FusedAdam
 from ds.core.optimizers import AdamWithoutBiasCorrection
 from ds.zero.cpu_adam import CPUAdagrad, CPUAdam
 from ds.zero.host_memory import host_empty, pin_host_memory
@@ -43,9 +44,13 @@ if TYPE_CHECKING:
 
 
 def _adam_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]] | None:
-    """The optimizer's groups in CPUAdam's terms, or None when it is no plain Adam/AdamW."""
-    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
-        bias_correction = True
+    """The optimizer's groups in CPUAdam's terms, or None when it is no plain Adam/AdamW.
+
+    ds's own FusedAdam counts: a config's Adam becomes one whenever the parameters handed to
+    the optimizer factory look like CUDA tensors, which stage 3's CPU-offloaded DTensors do.
+    """
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW, FusedAdam):
+        bias_correction = True  # FusedAdam's groups carry their own
     elif isinstance(optimizer, AdamWithoutBiasCorrection):
         bias_correction = False
     else:
@@ -61,7 +66,7 @@ def _adam_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]] | Non
             "eps": float(g["eps"]),
             "weight_decay": float(g["weight_decay"]),
             "decoupled_weight_decay": bool(g.get("decoupled_weight_decay", default_decoupled)),
-            "bias_correction": bias_correction,
+            "bias_correction": bool(g.get("bias_correction", bias_correction)),
         }
         for g in optimizer.param_groups
     ]

@@ -149,7 +149,7 @@ class FullyShardedPartitioner(Partitioner):
             reshard = zeropp.reshard_after_forward(_numel(unit) >= threshold)
             fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard, offload_policy=offload)
         fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False, offload_policy=offload)
-        adopt_init_shards(module, init_shards)
+        adopt_init_shards(module, init_shards, offload_to_cpu=isinstance(offload, CPUOffloadPolicy))
         zeropp.install_fsdp_collectives([*units, module], self._comm)
         self._units = units
         self._ahead = _units_ahead(units, zero)
