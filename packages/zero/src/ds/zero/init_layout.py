@@ -105,7 +105,7 @@ def adopt_init_shards(module: nn.Module, shards: dict[str, torch.Tensor], *, off
     placeholder; it is replaced by one over the kept shard, which FSDP picks up at its
     lazy initialisation as it does after ``to_empty``. Under FSDP2's CPU offload the
     shards must be CPU tensors by then (its lazy initialisation refuses device ones), so
-    ``offload_to_cpu`` moves each one to the host as it is adopted.
+    ``offload_to_cpu`` copies each one into a host shard as it is adopted.
     """
     for fqn, local in shards.items():
         owner_name, _, name = fqn.rpartition(".")
@@ -118,11 +118,17 @@ def adopt_init_shards(module: nn.Module, shards: dict[str, torch.Tensor], *, off
                 f"ds.zero.Init's shard of {fqn} has shape {tuple(local.shape)} but fully_shard expects "
                 f"{tuple(expected)}; torch changed how it chunks parameters, please report this."
             )
-        placed = local.to(device="cpu" if offload_to_cpu else local.device, dtype=sharded.dtype)
-        adopted = DTensor.from_local(
-            placed, sharded.device_mesh, sharded.placements,
-            run_check=False, shape=sharded.shape, stride=sharded.stride(),
-        )
+        if offload_to_cpu:
+            # DTensor.from_local would move the shard to the mesh's device; empty_like with a
+            # device keeps it on the host, as module.to_empty(device="cpu") does for FSDP2.
+            adopted = torch.empty_like(sharded, device="cpu")
+            with torch.no_grad():
+                adopted.to_local().copy_(local)
+        else:
+            adopted = DTensor.from_local(
+                local.to(dtype=sharded.dtype), sharded.device_mesh, sharded.placements,
+                run_check=False, shape=sharded.shape, stride=sharded.stride(),
+            )
         replacement = nn.Parameter(adopted, requires_grad=sharded.requires_grad)
         for holder, slot in _slots_holding(module.modules(), sharded):
             holder._parameters[slot] = replacement
