@@ -27,6 +27,8 @@
 //
 // Rows whose length is not a multiple of 16 bytes' worth of elements use 8-byte vectors when
 // it is a multiple of 8 bytes, else single elements, with the same bytes per thread.
+#include <atomic>
+#include <cstdint>
 #include <type_traits>
 
 #include "dtypes.h"
@@ -51,6 +53,7 @@ constexpr int kNarrowIters = 8;       // 8-byte vectors per thread (the same byt
 constexpr int kScalarIters = 16;      // elements per thread on the unaligned path
 constexpr int kMergeScratch = 2 * 32;  // group_merge's scratch, in Stats
 constexpr int kStreamRowThreads = 256;  // the streamed-rows backward's threads per row (stream_rows)
+constexpr int kStreamMinBlocks = 2;     // its blocks per SM (__launch_bounds__): 128 registers
 
 constexpr std::int64_t max_hidden(bool vectorized) {
   // 16-byte vectors of float32 are the shortest: 4 elements; the narrow path of float32
@@ -187,13 +190,13 @@ norm_forward_kernel(const T* __restrict__ x, const W* __restrict__ weight, const
 // stream_rows): dweight/dbias accumulate in shared memory, each thread only its own columns
 // (16-byte accesses, no barrier), and the registers that frees hold the next row's x and dy,
 // loaded before this row's reduction so the barrier and the dx math overlap memory traffic.
+// The body of both backward kernels below, which differ in their launch bounds only.
 template <typename T, typename W, int VEC, int kIters, bool kRms, bool kStreamRows>
-__global__ void __launch_bounds__(kMaxRowThreads)
-norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ weight,
-                     T* __restrict__ dx, float* __restrict__ dweight_partial, float* __restrict__ dbias_partial,
-                     std::int64_t rows, std::int64_t hidden, float eps, int row_threads) {
+__device__ __forceinline__ void backward_rows(const T* __restrict__ dy, const T* __restrict__ x,
+                                              const W* __restrict__ weight, T* __restrict__ dx,
+                                              float* __restrict__ dweight_partial, float* __restrict__ dbias_partial,
+                                              std::int64_t rows, std::int64_t hidden, float eps, int row_threads) {
   static_assert(!kStreamRows || (!kRms && VEC == 8), "streamed rows: LayerNorm on 16-bit rows");
-  if constexpr (kStreamRows) row_threads = kStreamRowThreads;  // a constant frees address registers
   using Stats = std::conditional_t<kRms, RowSums<2>, RowMoments<true>>;
   __shared__ float scratch[kMergeScratch * Stats::kSize];
   extern __shared__ float4 dynamic_smem[];
@@ -203,7 +206,9 @@ norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, const W*
   float4* acc = dynamic_smem;
   int phase = 0;
   const int rows_per_block = kStreamRows ? 1 : static_cast<int>(blockDim.x) / row_threads;
-  const int group = threadIdx.x / row_threads, lane = threadIdx.x % row_threads;
+  // Streamed rows: a block is one row group, so lane and group are known without row_threads.
+  const int group = kStreamRows ? 0 : threadIdx.x / row_threads;
+  const int lane = kStreamRows ? static_cast<int>(threadIdx.x) : threadIdx.x % row_threads;
   const int vectors = static_cast<int>(hidden / VEC);
   const float inv_hidden = 1.0f / static_cast<float>(hidden);
   constexpr int kRegIters = kStreamRows ? 1 : kIters;
@@ -355,6 +360,30 @@ norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, const W*
   }
 }
 
+template <typename T, typename W, int VEC, int kIters, bool kRms>
+__global__ void __launch_bounds__(kMaxRowThreads)
+norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ weight,
+                     T* __restrict__ dx, float* __restrict__ dweight_partial, float* __restrict__ dbias_partial,
+                     std::int64_t rows, std::int64_t hidden, float eps, int row_threads) {
+  backward_rows<T, W, VEC, kIters, kRms, false>(dy, x, weight, dx, dweight_partial, dbias_partial, rows, hidden, eps,
+                                                row_threads);
+}
+
+// Streamed rows, bounded to their own block (256 threads, 2 blocks per SM: 128 registers, as
+// the measured kernel), so the compiler knows each thread's lane (threadIdx.x) and row group
+// (0). Under the 512-thread bound of the other instances, which left both to run time, ptxas
+// spilled the block stride for bf16 weights and reloaded it on every row (4 bytes; 0.320 ms at
+// hidden 8192 on an H100 against the measured kernel's 0.306). `row_threads` is ignored.
+template <typename T, typename W, int VEC, int kIters>
+__global__ void __launch_bounds__(kStreamRowThreads, kStreamMinBlocks)
+norm_backward_streamed_kernel(const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ weight,
+                              T* __restrict__ dx, float* __restrict__ dweight_partial,
+                              float* __restrict__ dbias_partial, std::int64_t rows, std::int64_t hidden, float eps,
+                              int /*row_threads*/) {
+  backward_rows<T, W, VEC, kIters, false, true>(dy, x, weight, dx, dweight_partial, dbias_partial, rows, hidden, eps,
+                                                kStreamRowThreads);
+}
+
 // Dynamic shared memory of the backward kernel: the fold buffer, when rows share a block.
 template <bool kRms, int VEC, int kIters>
 std::size_t fold_bytes(const RowLayout& layout) {
@@ -448,21 +477,37 @@ const char* with_types(int x_dtype, int w_dtype, Fn&& fn) {
 // keep the register design (86-88% at hidden 2048 and 4096), as does RMSNorm (89-91%). HIP
 // keeps it too: the 64 KB of accumulators would fill a CDNA compute unit's whole LDS.
 template <typename T, int VEC, int kIters>
+#if defined(DS_KERNELS_HIP)
+constexpr bool kStreamRowsShape = false;
+#else
 constexpr bool kStreamRowsShape = sizeof(T) == 2 && VEC == 8 && kIters == 4;
+#endif
 
 bool stream_rows(bool rms, const RowLayout& layout) {
-#if defined(DS_KERNELS_HIP)
-  return false;
-#else
   return !rms && layout.row_threads == kStreamRowThreads && layout.rows_per_block == 1;
-#endif
+}
+
+// Sets a kernel's dynamic shared memory limit on the current device once (devices 0-63;
+// any other on every call): the limit belongs to the kernel as loaded on a device, and both
+// norm_backward_partials and norm_backward ask for it on every backward. `configured` holds
+// one bit per device and belongs to the caller's kernel instance.
+template <typename Kernel>
+ds_error_t allow_dynamic_smem(Kernel kernel, std::size_t bytes, std::atomic<std::uint64_t>& configured) {
+  int device = 0;
+  ds_error_t status = DS_GET_DEVICE(&device);
+  if (status != DS_SUCCESS) return status;
+  const std::uint64_t bit = device >= 0 && device < 64 ? std::uint64_t{1} << device : 0;
+  if ((configured.load(std::memory_order_relaxed) & bit) != 0) return DS_SUCCESS;
+  status = DS_FUNC_SET_MAX_DYNAMIC_SMEM(kernel, static_cast<int>(bytes));
+  if (status == DS_SUCCESS) configured.fetch_or(bit, std::memory_order_relaxed);
+  return status;
 }
 
 // The backward kernel for a layout and its dynamic shared memory: the fold buffer when rows
 // share a block, the accumulators of streamed rows.
 template <typename T, typename W, int VEC, int kIters>
 struct BackwardLaunch {
-  decltype(&norm_backward_kernel<T, W, VEC, kIters, true, false>) kernel;
+  decltype(&norm_backward_kernel<T, W, VEC, kIters, true>) kernel;
   std::size_t smem;
 };
 
@@ -472,13 +517,14 @@ BackwardLaunch<T, W, VEC, kIters> backward_launch(bool rms, const RowLayout& lay
   if constexpr (kStreamRowsShape<T, VEC, kIters>) {
     if (stream_rows(rms, layout)) {
       const std::size_t smem = static_cast<std::size_t>(layout.row_threads) * kIters * 4 * sizeof(float4);
-      auto kernel = norm_backward_kernel<T, W, VEC, kIters, false, true>;
-      *status = DS_FUNC_SET_MAX_DYNAMIC_SMEM(kernel, static_cast<int>(smem));
+      auto kernel = norm_backward_streamed_kernel<T, W, VEC, kIters>;
+      static std::atomic<std::uint64_t> configured{0};
+      *status = allow_dynamic_smem(kernel, smem, configured);
       return {kernel, smem};
     }
   }
-  if (rms) return {norm_backward_kernel<T, W, VEC, kIters, true, false>, fold_bytes<true, VEC, kIters>(layout)};
-  return {norm_backward_kernel<T, W, VEC, kIters, false, false>, fold_bytes<false, VEC, kIters>(layout)};
+  if (rms) return {norm_backward_kernel<T, W, VEC, kIters, true>, fold_bytes<true, VEC, kIters>(layout)};
+  return {norm_backward_kernel<T, W, VEC, kIters, false>, fold_bytes<false, VEC, kIters>(layout)};
 }
 
 // Blocks of the persistent backward grid: as many as are resident at once, at most one per
