@@ -26,7 +26,7 @@ import torch
 
 from ds.core.errors import ConfigError
 from ds.core.testing import run_distributed
-from ds.core.testing.parity import global_batches, make_model, rank_micro_batches
+from ds.core.testing.parity import global_batches, make_model, train_step
 
 STEPS = 8
 WORLD = 2
@@ -53,25 +53,13 @@ def _config(stage: int, offload: dict[str, Any] | None, *, gas: int = 1, clip: f
 def _train(config: dict[str, Any], first_step: int, steps: int, load_dir: str | None,
            save_dir: str | None) -> dict[str, Any]:
     """Runs per rank: (load,) train ``steps`` steps from ``first_step``, (save); report what it held."""
-    import torch.distributed as dist
-
     import ds.core
 
     engine, _, _, _ = ds.core.initialize(model=make_model(0 if load_dir is None else 99), config=config)
     if load_dir is not None:
         engine.load_checkpoint(load_dir)
-    rank, dp = dist.get_rank(), dist.get_world_size()
-    gas = engine.gradient_accumulation_steps
-    losses = []
-    for batch in global_batches(first_step + steps, engine.config.train_batch_size)[first_step:]:
-        window = torch.zeros(())
-        for micro in rank_micro_batches(batch, rank, dp, gas):
-            loss = engine(micro)
-            engine.backward(loss)
-            engine.step()
-            window += loss.detach().float() / gas
-        dist.all_reduce(window)
-        losses.append(window.item() / dp)
+    batches = global_batches(first_step + steps, engine.config.train_batch_size)[first_step:]
+    losses = [train_step(engine, batch) for batch in batches]
     if save_dir is not None:
         engine.save_checkpoint(save_dir)
     optimizer = engine.partitioner.optimizer

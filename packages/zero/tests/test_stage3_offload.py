@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from ds.core.testing import run_distributed
-from ds.core.testing.parity import global_batches, make_model, rank_micro_batches
+from ds.core.testing.parity import global_batches, make_model, train_step
 
 STEPS, WORLD, GAS = 6, 2, 2
 ADAMW = {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.01}}
@@ -49,7 +49,6 @@ def _config(offload: dict[str, Any] | None, optimizer: dict[str, Any] = ADAMW) -
 def _train(config: dict[str, Any], first_step: int, steps: int, load_dir: str | None,
            save_dir: str | None) -> dict[str, Any]:
     """Runs per rank: (load,) train ``steps`` steps from ``first_step``, (save); report what it held."""
-    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     import ds.core
@@ -57,17 +56,8 @@ def _train(config: dict[str, Any], first_step: int, steps: int, load_dir: str | 
     engine, _, _, _ = ds.core.initialize(model=make_model(0 if load_dir is None else 99), config=config)
     if load_dir is not None:
         engine.load_checkpoint(load_dir)
-    rank = dist.get_rank()
-    losses = []
-    for batch in global_batches(first_step + steps, engine.config.train_batch_size)[first_step:]:
-        window = torch.zeros(())
-        for micro in rank_micro_batches(batch, rank, WORLD, GAS):
-            loss = engine(micro)
-            engine.backward(loss)
-            engine.step()
-            window += loss.detach() / GAS
-        dist.all_reduce(window)
-        losses.append(window.item() / WORLD)
+    batches = global_batches(first_step + steps, engine.config.train_batch_size)[first_step:]
+    losses = [train_step(engine, batch) for batch in batches]
     if save_dir is not None:
         engine.save_checkpoint(save_dir)
     optimizer = engine.partitioner.optimizer

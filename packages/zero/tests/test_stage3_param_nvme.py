@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ds.core.errors import ConfigError
 from ds.core.testing import run_distributed
-from ds.core.testing.parity import DIM, VOCAB, global_batches, rank_micro_batches
+from ds.core.testing.parity import DIM, VOCAB, global_batches, train_step
 
 STEPS, WORLD, GAS, BLOCKS = 4, 2, 2, 6
 HIDDEN = 37  # odd: the second rank's shard of each block's weights is padded
@@ -93,8 +93,6 @@ def _shard_bytes(shards: list[torch.Tensor]) -> int:
 def _train(config: dict[str, Any], recompute: bool, first_step: int, steps: int, load_dir: str | None,
            save_dir: str | None, sharded_init: bool = False) -> dict[str, Any]:
     """Runs per rank: (load,) train, (save); report losses, weights and the host's block shards."""
-    import torch.distributed as dist
-
     import ds.core
     import ds.zero
 
@@ -115,17 +113,8 @@ def _train(config: dict[str, Any], recompute: bool, first_step: int, steps: int,
     in_memory: list[int] = []
     for block in model.blocks:
         block.register_forward_pre_hook(lambda *_: in_memory.append(_shard_bytes(every_shard)))
-    rank, world, device = dist.get_rank(), dist.get_world_size(), engine.comm.device
-    losses = []
-    for batch in global_batches(first_step + steps, engine.config.train_batch_size)[first_step:]:
-        window = torch.zeros((), device=device)
-        for micro in rank_micro_batches(batch, rank, world, GAS):
-            loss = engine(micro.to(device))
-            engine.backward(loss)
-            engine.step()
-            window += loss.detach().float() / GAS
-        dist.all_reduce(window)
-        losses.append(window.item() / world)
+    batches = global_batches(first_step + steps, engine.config.train_batch_size)[first_step:]
+    losses = [train_step(engine, batch) for batch in batches]
     if save_dir is not None:
         engine.save_checkpoint(save_dir)
     return {

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds.core.testing import run_distributed
-from ds.core.testing.parity import DIM, VOCAB, global_batches, rank_micro_batches
+from ds.core.testing.parity import DIM, VOCAB, global_batches, train_step
 from ds.zero.stage3_trace import prefetch_plan
 
 WORLD, STEPS, GAS = 2, 6, 2
@@ -84,8 +84,6 @@ def _fsdp_lists(unit: nn.Module, names: dict[nn.Module, str]) -> tuple[list[str]
 
 
 def _train(config: dict[str, Any], run_order: tuple[int, ...]) -> dict[str, Any]:
-    import torch.distributed as dist
-
     import ds.core
 
     engine, _, _, _ = ds.core.initialize(model=_OutOfOrderModel(run_order), config=config)
@@ -93,17 +91,9 @@ def _train(config: dict[str, Any], run_order: tuple[int, ...]) -> dict[str, Any]
     names = {m: n for n, m in model.named_modules()}
     blocks = list(model.blocks)
     hooks_before = [len(b._forward_pre_hooks) for b in blocks]
-    rank = dist.get_rank()
     losses, hooks_after_first_step = [], []
     for step, batch in enumerate(global_batches(STEPS, engine.config.train_batch_size)):
-        window = torch.zeros(())
-        for micro in rank_micro_batches(batch, rank, WORLD, GAS):
-            loss = engine(micro)
-            engine.backward(loss)
-            engine.step()
-            window += loss.detach() / GAS
-        dist.all_reduce(window)
-        losses.append(window.item() / WORLD)
+        losses.append(train_step(engine, batch))
         if step == 0:
             hooks_after_first_step = [len(b._forward_pre_hooks) for b in blocks]
     plan = engine.partitioner.prefetch

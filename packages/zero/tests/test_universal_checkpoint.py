@@ -24,7 +24,7 @@ from torch import nn
 
 from ds.core.checkpoint import CheckpointReader
 from ds.core.testing import run_distributed
-from ds.core.testing.parity import global_batches, make_model, rank_micro_batches, reference_run, train_rank
+from ds.core.testing.parity import global_batches, make_model, reference_run, train_rank, train_step
 
 GLOBAL_BATCH = 8
 MICRO_BATCH = 2
@@ -80,8 +80,6 @@ def _train_phase(
     config: dict[str, Any], first_step: int, load_dir: str | None, save_dir: str, model: str
 ) -> dict[str, Any]:
     """One phase on this rank: (load,) train ``STEPS_PER_PHASE`` steps, save. Runs per rank."""
-    import torch.distributed as dist
-
     import ds.core
 
     # Other weights than the first phase's: only the checkpoint can make the losses match.
@@ -91,18 +89,8 @@ def _train_phase(
         engine.load_checkpoint(load_dir)
         restored_steps = engine.global_steps
         engine.save_checkpoint(save_dir, tag=RELOADED)
-    rank, dp = dist.get_rank(), dist.get_world_size()
-    gas = engine.gradient_accumulation_steps
-    losses = []
-    for batch in global_batches(first_step + STEPS_PER_PHASE, GLOBAL_BATCH)[first_step:]:
-        window = torch.zeros(())
-        for micro in rank_micro_batches(batch, rank, dp, gas):
-            loss = engine(micro)
-            engine.backward(loss)
-            engine.step()
-            window += loss.detach().float() / gas
-        dist.all_reduce(window)
-        losses.append(window.item() / dp)
+    batches = global_batches(first_step + STEPS_PER_PHASE, GLOBAL_BATCH)[first_step:]
+    losses = [train_step(engine, batch) for batch in batches]
     engine.save_checkpoint(save_dir, tag=TRAINED)
     return {
         "losses": losses,

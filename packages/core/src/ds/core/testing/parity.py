@@ -89,21 +89,29 @@ def train_rank(config: dict[str, Any], steps: int) -> tuple[list[float], dict[st
 
     Returns the global mean loss per step and the full parameters afterwards.
     """
-    import torch.distributed as dist
-
     import ds.core
 
     engine, _, _, _ = ds.core.initialize(model=make_model(), config=config)
+    losses = [train_step(engine, batch) for batch in global_batches(steps, engine.config.train_batch_size)]
+    return losses, engine.partitioner.gather_full_parameters()
+
+
+def train_step(engine: Any, batch: torch.Tensor) -> float:
+    """One optimizer step of ``engine`` on this rank's share of the global ``batch``.
+
+    Returns the window's loss averaged over its micro-batches and all ranks, which is the
+    loss the single-process reference computes on the whole batch.
+    """
+    import torch.distributed as dist
+
     rank, dp = dist.get_rank(), dist.get_world_size()
     gas = engine.gradient_accumulation_steps
-    losses = []
-    for batch in global_batches(steps, engine.config.train_batch_size):
-        window = torch.zeros((), device=engine.comm.device)
-        for micro in rank_micro_batches(batch, rank, dp, gas):
-            loss = engine(micro.to(engine.comm.device))
-            engine.backward(loss)
-            engine.step()
-            window += loss.detach().float() / gas
-        dist.all_reduce(window)
-        losses.append(window.item() / dp)
-    return losses, engine.partitioner.gather_full_parameters()
+    device = engine.comm.device
+    window = torch.zeros((), device=device)
+    for micro in rank_micro_batches(batch, rank, dp, gas):
+        loss = engine(micro.to(device))
+        engine.backward(loss)
+        engine.step()
+        window += loss.detach().float() / gas
+    dist.all_reduce(window)
+    return window.item() / dp
