@@ -189,8 +189,7 @@ def test_offload_configs_ds_cannot_honour_are_rejected(zero: dict[str, Any], pro
 
 @pytest.mark.parametrize("bias_correction", [True, False])
 def test_fused_adam_offloads_as_cpu_adam_with_its_settings(bias_correction: bool) -> None:
-    """A config's Adam is built as ds's FusedAdam when the parameters look like CUDA tensors
-    (stage 3's CPU-offloaded DTensors on a GPU mesh do); offload must still run CPU Adam."""
+    """A FusedAdam from the user's factory still runs as CPU Adam on host masters."""
     from ds.core.optimizer_classes import FusedAdam
     from ds.zero.config import OffloadConfig
     from ds.zero.cpu_adam import CPUAdam

@@ -37,6 +37,7 @@ from torch.optim import Optimizer
 
 from ds.core.errors import ConfigError, MissingPillarError, PluginError
 from ds.core.optimizer_classes import AdamWithoutBiasCorrection, FusedAdam, FusedLamb
+from ds.core.state_names import local
 
 if TYPE_CHECKING:
     from ds.core.plugins import Registry
@@ -132,7 +133,9 @@ def _as_list(params: Any) -> list[Any]:
 
 
 def _all_on_cuda(params: list[Any]) -> bool:
-    tensors = [t for item in params for t in (item["params"] if isinstance(item, dict) else [item])]
+    """Whether every parameter's data is on a CUDA device; a DTensor reports its mesh's device,
+    so its local shard is asked instead (FSDP2's CPU offload keeps CUDA-mesh shards on the host)."""
+    tensors = [local(t) for item in params for t in (item["params"] if isinstance(item, dict) else [item])]
     return bool(tensors) and all(t.is_cuda and t.is_floating_point() for t in tensors)
 
 

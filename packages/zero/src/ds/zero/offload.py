@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 def _adam_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]] | None:
     """The optimizer's groups in CPUAdam's terms, or None when it is no plain Adam/AdamW.
 
-    ds's own FusedAdam counts: a config's Adam becomes one whenever the parameters handed to
-    the optimizer factory look like CUDA tensors, which stage 3's CPU-offloaded DTensors do.
+    ds's own FusedAdam counts too: a factory or an optimizer passed to ``initialize`` may
+    be one, and on host masters it would fall back to its unfused torch reference.
     """
     if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW, FusedAdam):
         bias_correction = True  # FusedAdam's groups carry their own
