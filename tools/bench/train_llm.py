@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer in backward")
     parser.add_argument("--nvme-path", type=Path, help="folder on a fast disk for *-offload-nvme modes")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--gpu-memory-gib", type=float,
+                        help="cap each rank's GPU memory (e.g. 79 shows an 80 GB H100's fit on a larger card)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps")
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps")
     parser.add_argument("--out", type=Path, required=True)
@@ -189,6 +191,7 @@ def describe(args: argparse.Namespace) -> dict[str, Any]:
         "compile": args.compile,
         "ds_kernels": args.ds_kernels,
         "activation_checkpointing": args.activation_checkpointing,
+        "gpu_memory_cap_gib": args.gpu_memory_gib,
         "warmup": args.warmup,
         "steps": args.steps,
         "host_ram_gib": host_ram_bytes() / GIB,
@@ -206,6 +209,9 @@ def write(out: Path, record: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = start_process_group(args.device)
+    if args.gpu_memory_gib is not None and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_gib * GIB / total), device)
     try:
         result = run(args, device)
     except torch.OutOfMemoryError as error:

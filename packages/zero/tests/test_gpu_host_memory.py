@@ -5,7 +5,9 @@ pool (which would round 2**27 + 1 floats up to 2**28)."""
 from __future__ import annotations
 
 import gc
+import math
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -64,3 +66,43 @@ def _pool_bytes() -> int:
         if key in stats:
             return int(stats[key])
     raise AssertionError(f"torch's host allocator statistics lack allocated bytes: {sorted(stats)}")
+
+
+def _stage3_pinned_offload(steps: int) -> dict[str, Any]:
+    """Runs in a fresh CUDA process: stage 3 with pinned CPU offload; what holds the shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    import ds.core
+    from ds.core.testing.parity import global_batches, make_model, train_step
+
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "train_batch_size": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                              "offload_optimizer": {"device": "cpu", "pin_memory": True}},
+    }
+    model = make_model()
+    engine, _, _, _ = ds.core.initialize(model=model, config=config)
+    losses = [train_step(engine, batch) for batch in global_batches(steps, 2)]
+    engine.partitioner.zero_grad()  # FSDP2's host gradients (torch's pool) go back to the pool
+    shards = [p.to_local() for p in model.parameters()]
+    return {
+        "losses": losses,
+        "pool_bytes": _pool_bytes(),
+        "shard_bytes": sum(s.numel() * s.element_size() for s in shards),
+        "storages": len({s.untyped_storage().data_ptr() for s in shards}),
+        "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
+    }
+
+
+def test_stage3_pinned_shards_are_page_locked_once_per_unit() -> None:
+    """Stage 3's offloaded shards share one registered buffer per unit: none lives in torch's
+    pinned pool, where FSDP2's own pinning would put (and round up) each one."""
+    from ds.core.testing import run_distributed
+
+    (result,) = run_distributed(_stage3_pinned_offload, 1, 3)
+    assert all(math.isfinite(loss) for loss in result["losses"])
+    assert result["storages"] == result["fsdp_units"]
+    assert result["pool_bytes"] < result["shard_bytes"]

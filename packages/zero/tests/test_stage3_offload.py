@@ -49,11 +49,13 @@ def _config(offload: dict[str, Any] | None, optimizer: dict[str, Any] = ADAMW) -
 def _train(config: dict[str, Any], first_step: int, steps: int, load_dir: str | None,
            save_dir: str | None) -> dict[str, Any]:
     """Runs per rank: (load,) train ``steps`` steps from ``first_step``, (save); report what it held."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     import ds.core
 
-    engine, _, _, _ = ds.core.initialize(model=make_model(0 if load_dir is None else 99), config=config)
+    model = make_model(0 if load_dir is None else 99)
+    engine, _, _, _ = ds.core.initialize(model=model, config=config)
     if load_dir is not None:
         engine.load_checkpoint(load_dir)
     batches = global_batches(first_step + steps, engine.config.train_batch_size)[first_step:]
@@ -70,6 +72,9 @@ def _train(config: dict[str, Any], first_step: int, steps: int, load_dir: str | 
         "state_keys_in_memory": {k for state in optimizer.state.values() for k in state},
         "masters_are_cpu_dtensors": all(isinstance(p, DTensor) and p.to_local().device.type == "cpu" for p in masters),
         "states_are_cpu_dtensors": all(isinstance(v, DTensor) and v.to_local().device.type == "cpu" for v in states),
+        "master_storages": len({p.to_local().untyped_storage().data_ptr() for p in masters}),
+        "masters": len(masters),
+        "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
     }
 
 
@@ -99,6 +104,8 @@ def test_cpu_offload_steps_local_shards_with_cpu_optimizer(optimizer: dict[str, 
     for result, ref in zip(offloaded, reference, strict=True):
         assert result["optimizer"] == cpu_optimizer and ref["optimizer"] == optimizer["type"]
         assert result["masters_are_cpu_dtensors"] and result["states_are_cpu_dtensors"]
+        # One host buffer per shard unit (ds.zero.host_shards); without offload one per parameter.
+        assert result["master_storages"] == result["fsdp_units"] < ref["master_storages"] == ref["masters"]
         _assert_close(result, ref, 1e-5)
     assert not torch.allclose(reference[0]["params"]["head.weight"], make_model().head.weight)
 

@@ -87,7 +87,9 @@ def _config(param: dict[str, Any] | None, optimizer: dict[str, Any] | None = Non
 
 
 def _shard_bytes(shards: list[torch.Tensor]) -> int:
-    return sum(p.to_local().untyped_storage().nbytes() for p in shards)
+    """Bytes of the distinct storages under ``shards`` (a unit's shards share one buffer)."""
+    storages = {s.data_ptr(): s.nbytes() for s in (p.to_local().untyped_storage() for p in shards)}
+    return sum(storages.values())
 
 
 def _train(config: dict[str, Any], recompute: bool, first_step: int, steps: int, load_dir: str | None,

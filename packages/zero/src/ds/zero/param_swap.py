@@ -47,6 +47,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ds.core.errors import DsError
+from ds.zero.host_shards import fsdp_params
 from ds.zero.swap import SwapConfig, SwapHandle, TensorSwapper
 
 
@@ -81,21 +82,15 @@ def _distinct(units: Iterable[nn.Module]) -> list[nn.Module]:
 def fsdp_reads_local_shard(unit: nn.Module) -> bool:
     """Whether FSDP2's copy-in buffer of every parameter of ``unit`` shares its ``to_local()`` storage.
 
-    Reads FSDP2's private ``_sharded_param_data`` and param groups (torch 2.x): it is the buffer FSDP2 copies
-    to the device for the all-gather, and the swap is only sound if freeing the local
+    FSDP2's ``_sharded_param_data`` is the buffer it copies to the device for the
+    all-gather, and the swap is only sound if freeing the local
     shard's storage frees (and reloading it refills) that buffer too.
     """
-    state = unit._get_fsdp_state()  # type: ignore[operator]
-    # torch 2.11 keeps one optional group (``_fsdp_param_group``), later versions a list.
-    groups = getattr(state, "_fsdp_param_groups", None)
-    if groups is None:
-        groups = [state._fsdp_param_group] if state._fsdp_param_group is not None else []
-    for group in groups:
-        for fsdp_param in group.fsdp_params:
-            buffer = fsdp_param._sharded_param_data
-            shard = fsdp_param.sharded_param.to_local()
-            if shard.numel() and buffer.untyped_storage().data_ptr() != shard.untyped_storage().data_ptr():
-                return False
+    for fsdp_param in fsdp_params(unit):
+        buffer = fsdp_param._sharded_param_data
+        shard = fsdp_param.sharded_param.to_local()
+        if shard.numel() and buffer.untyped_storage().data_ptr() != shard.untyped_storage().data_ptr():
+            return False
     return True
 
 

@@ -24,7 +24,9 @@ representation DESIGN.md fixes. ds adds DeepSpeed's configuration and semantics:
   runs as ds-zero's CPU Adam/AdamW/Adagrad on each DTensor's local shard
   (:func:`ds.zero.offload.build_host_optimizer`); with ``nvme`` Adam's moments of each
   local shard live in files and stream through the step. No bf16 copy is written in
-  the step: FSDP2 casts the fp32 shard while copying it into its all-gather buffer;
+  the step: FSDP2 casts the fp32 shard while copying it into its all-gather buffer.
+  Each unit's shards share one host buffer, page-locked at its exact size with
+  ``pin_memory`` (:mod:`ds.zero.host_shards`);
 * ``offload_param: {device: nvme}`` (ZeRO-Infinity): as with ``cpu``, and the shard units'
   CPU shards live in files between uses, so the host holds a window of ``1 + 2 * ahead``
   units in forward and backward instead of the whole model; the step streams one unit
@@ -56,6 +58,7 @@ from ds.core.state_names import (
 )
 from ds.zero.disk_adam import moments_in_memory, store_loaded_moments
 from ds.zero.host_memory import pin_host_memory
+from ds.zero.host_shards import HostShards
 from ds.zero.init_layout import adopt_init_shards, release_init_shards
 from ds.zero.offload import build_host_optimizer
 from ds.zero.param_swap import ParamSwap
@@ -108,14 +111,20 @@ def _param_swap(module: nn.Module, units: list[nn.Module], zero: ZeroConfig, ran
     return ParamSwap(module, units, nvme_path=offload.nvme_path, rank=rank, ahead=ahead, config=config)
 
 
+def _offloads(zero: ZeroConfig) -> list[OffloadConfig]:
+    return [o for o in (zero.offload_optimizer, zero.offload_param) if o.device != "none"]
+
+
 def _offload_policy(zero: ZeroConfig) -> OffloadPolicy:
-    offloads = [o for o in (zero.offload_optimizer, zero.offload_param) if o.device != "none"]
-    if not offloads:
-        return OffloadPolicy()
-    # Shards on disk are freed by resizing their storage, which torch's pinned tensors refuse:
-    # there the shards stay pageable and pin_memory pins the swap's I/O buffers only.
-    pin = zero.offload_param.device != "nvme" and any(pin_host_memory(o) for o in offloads)
-    return CPUOffloadPolicy(pin_memory=pin)
+    # Never FSDP2's own pinning, which rounds each shard up to a power of two: pinned
+    # shards are page-locked per unit at their exact size by HostShards.
+    return CPUOffloadPolicy(pin_memory=False) if _offloads(zero) else OffloadPolicy()
+
+
+def _pins_shards(zero: ZeroConfig) -> bool:
+    """Whether the offloaded shards are page-locked. Shards on disk are freed by resizing
+    their storage, which locked memory refuses: there pin_memory pins the swap's I/O buffers only."""
+    return zero.offload_param.device != "nvme" and any(pin_host_memory(o) for o in _offloads(zero))
 
 
 def _units_ahead(units: list[nn.Module], zero: ZeroConfig) -> int:
@@ -149,7 +158,10 @@ class FullyShardedPartitioner(Partitioner):
             reshard = zeropp.reshard_after_forward(_numel(unit) >= threshold)
             fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard, offload_policy=offload)
         fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False, offload_policy=offload)
-        adopt_init_shards(module, init_shards, offload_to_cpu=isinstance(offload, CPUOffloadPolicy))
+        on_host = isinstance(offload, CPUOffloadPolicy)
+        adopt_init_shards(module, init_shards, offload_to_cpu=on_host)
+        # Registered after fully_shard, so its first-forward hook runs after FSDP2's lazy init.
+        self._host_shards = HostShards(module, [*units, module], pin=_pins_shards(zero)) if on_host else None
         zeropp.install_fsdp_collectives([*units, module], self._comm)
         self._units = units
         self._ahead = _units_ahead(units, zero)
