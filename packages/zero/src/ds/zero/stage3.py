@@ -249,14 +249,16 @@ class FullyShardedPartitioner(Partitioner):
 
     def gather_full_parameters(self) -> dict[str, torch.Tensor]:
         """One unit in memory at a time when the shards live on disk."""
-        unit_of = {id(p): unit for unit in self._units for p in unit.parameters()}
+        unit_of = {id(p): index for index, unit in enumerate(self._units) for p in unit.parameters()}
+        by_unit: dict[int | None, list[tuple[str, torch.Tensor]]] = {}
+        for name, p in self._named:
+            by_unit.setdefault(unit_of.get(id(p)), []).append((name, p))
         full: dict[str, torch.Tensor] = {}
-        for unit in [*self._units, None]:
-            with self._holding(unit):
-                for name, p in self._named:
-                    if unit_of.get(id(p)) is unit:
-                        # Offloaded shards sit on the CPU, where an NCCL group cannot gather them.
-                        full[name] = p.detach().to(self._comm.device).full_tensor()
+        for index, named in by_unit.items():
+            with self._holding(None if index is None else self._units[index]):
+                for name, p in named:
+                    # Offloaded shards sit on the CPU, where an NCCL group cannot gather them.
+                    full[name] = p.detach().to(self._comm.device).full_tensor()
         return {name: full[name] for name, _ in self._named}
 
     def _holding(self, unit: nn.Module | None) -> AbstractContextManager[None]:
