@@ -53,6 +53,7 @@ def _train(config: dict[str, Any], first_step: int, steps: int, load_dir: str | 
     from torch.distributed.tensor import DTensor
 
     import ds.core
+    from ds.zero.param_swap import fsdp_reads_local_shard
 
     model = make_model(0 if load_dir is None else 99)
     engine, _, _, _ = ds.core.initialize(model=model, config=config)
@@ -75,6 +76,9 @@ def _train(config: dict[str, Any], first_step: int, steps: int, load_dir: str | 
         "master_storages": len({p.to_local().untyped_storage().data_ptr() for p in masters}),
         "masters": len(masters),
         "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
+        # The shards the optimizer updated are the memory FSDP2's all-gather reads.
+        "fsdp_reads_updated_shards": all(fsdp_reads_local_shard(m) for m in model.modules()
+                                         if isinstance(m, FSDPModule)),
     }
 
 
@@ -106,6 +110,7 @@ def test_cpu_offload_steps_local_shards_with_cpu_optimizer(optimizer: dict[str, 
         assert result["masters_are_cpu_dtensors"] and result["states_are_cpu_dtensors"]
         # One host buffer per shard unit (ds.zero.host_shards); without offload one per parameter.
         assert result["master_storages"] == result["fsdp_units"] < ref["master_storages"] == ref["masters"]
+        assert result["fsdp_reads_updated_shards"]
         _assert_close(result, ref, 1e-5)
     assert not torch.allclose(reference[0]["params"]["head.weight"], make_model().head.weight)
 

@@ -58,7 +58,7 @@ from ds.core.state_names import (
 )
 from ds.zero.disk_adam import moments_in_memory, store_loaded_moments
 from ds.zero.host_memory import pin_host_memory
-from ds.zero.host_shards import gather_host_shards
+from ds.zero.host_shards import HostShards
 from ds.zero.init_layout import adopt_init_shards, release_init_shards
 from ds.zero.offload import build_host_optimizer
 from ds.zero.param_swap import ParamSwap
@@ -117,7 +117,7 @@ def _offloads(zero: ZeroConfig) -> list[OffloadConfig]:
 
 def _offload_policy(zero: ZeroConfig) -> OffloadPolicy:
     # Never FSDP2's own pinning, which rounds each shard up to a power of two: pinned
-    # shards are page-locked per unit at their exact size by gather_host_shards.
+    # shards are page-locked per unit at their exact size by HostShards.
     return CPUOffloadPolicy(pin_memory=False) if _offloads(zero) else OffloadPolicy()
 
 
@@ -160,7 +160,8 @@ class FullyShardedPartitioner(Partitioner):
         fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False, offload_policy=offload)
         on_host = isinstance(offload, CPUOffloadPolicy)
         adopt_init_shards(module, init_shards, offload_to_cpu=on_host)
-        self._host_buffers = gather_host_shards([*units, module], pin=_pins_shards(zero)) if on_host else []
+        # Registered after fully_shard, so its first-forward hook runs after FSDP2's lazy init.
+        self._host_shards = HostShards(module, [*units, module], pin=_pins_shards(zero)) if on_host else None
         zeropp.install_fsdp_collectives([*units, module], self._comm)
         self._units = units
         self._ahead = _units_ahead(units, zero)
