@@ -80,7 +80,7 @@ def _stage3_pinned_offload(steps: int, sharded_init: bool) -> dict[str, Any]:
     import ds.core
     import ds.zero
     from ds.core.testing.parity import global_batches, make_model, train_step
-    from ds.zero.param_swap import fsdp_reads_local_shard
+    from ds.zero.host_shards import fsdp_reads_local_shard
 
     config = {
         "train_micro_batch_size_per_gpu": 2,

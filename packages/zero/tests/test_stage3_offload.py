@@ -53,7 +53,7 @@ def _train(config: dict[str, Any], first_step: int, steps: int, load_dir: str | 
     from torch.distributed.tensor import DTensor
 
     import ds.core
-    from ds.zero.param_swap import fsdp_reads_local_shard
+    from ds.zero.host_shards import fsdp_reads_local_shard
 
     model = make_model(0 if load_dir is None else 99)
     engine, _, _, _ = ds.core.initialize(model=model, config=config)
@@ -163,3 +163,30 @@ def test_offload_on_cuda_follows_no_offload(device: str, tmp_path: Path) -> None
     for name, ref in reference[1].items():
         assert result[1][name].is_cuda
         torch.testing.assert_close(result[1][name].float(), ref.float(), rtol=2e-2, atol=1e-3)
+
+
+def _error_for_a_moved_shard() -> str:
+    """Runs per rank: the first forward's check, against a shard moved off its unit's buffer."""
+    from torch.distributed.fsdp import FSDPModule
+
+    import ds.core
+    from ds.core.errors import DsError
+    from ds.zero.host_shards import fsdp_params
+
+    model = make_model()
+    config = {**_config({"device": "cpu"}), "train_batch_size": 2 * GAS}
+    engine, _, _, _ = ds.core.initialize(model=model, config=config)
+    train_step(engine, global_batches(1, engine.config.train_batch_size)[0])  # the check passed once
+    fsdp_param = next(p for m in model.modules() if isinstance(m, FSDPModule) for p in fsdp_params(m))
+    # What a lazy initialisation that re-pins a shard does: the parameter moves, the all-gather buffer stays.
+    fsdp_param.sharded_param._local_tensor = fsdp_param.sharded_param._local_tensor.clone()
+    try:
+        engine.partitioner._host_shards._after_lazy_init(model, ())
+    except DsError as error:
+        return str(error)
+    return "no error"
+
+
+def test_a_shard_moved_off_the_all_gather_buffer_is_an_error() -> None:
+    (message,) = run_distributed(_error_for_a_moved_shard, 1)
+    assert "optimizer updates would never reach the forward" in message

@@ -24,7 +24,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from ds.core.errors import DsError
 from ds.zero.host_memory import host_empty
 
 
@@ -36,6 +38,18 @@ def fsdp_params(unit: nn.Module) -> list[Any]:
     if groups is None:
         groups = [state._fsdp_param_group] if state._fsdp_param_group is not None else []
     return [fsdp_param for group in groups for fsdp_param in group.fsdp_params]
+
+
+def fsdp_reads_local_shard(unit: nn.Module) -> bool:
+    """Whether FSDP2's all-gather of ``unit`` reads the storage of each parameter's local
+    shard, the memory the optimizer updates (and the disk offload frees and refills)."""
+    return all(_reads_local_shard(fsdp_param) for fsdp_param in fsdp_params(unit))
+
+
+def _reads_local_shard(fsdp_param: Any) -> bool:
+    shard = fsdp_param.sharded_param.to_local()
+    buffer = fsdp_param._sharded_param_data
+    return not shard.numel() or buffer.untyped_storage().data_ptr() == shard.untyped_storage().data_ptr()
 
 
 class HostShards:
@@ -68,12 +82,21 @@ class HostShards:
                 numel = sum(_padded_numel(p) for p in members)
                 self.buffers.append(_gather(members, host_empty(numel, dtype, pin=pin)))
                 self._members += members
-        self._handle = root.register_forward_pre_hook(self._mark_pinned) if pin else None
+        self._pin = pin
+        self._handle: RemovableHandle | None = root.register_forward_pre_hook(self._after_lazy_init)
 
-    def _mark_pinned(self, module: nn.Module, args: Any) -> None:
-        """Once FSDP2's lazy initialisation ran: its copies to and from the shards may be asynchronous."""
+    def _after_lazy_init(self, module: nn.Module, args: Any) -> None:
+        """At the first forward, after FSDP2's lazy initialisation re-read every shard: check that
+        it kept them in place, then let its copies to and from pinned shards be asynchronous."""
         for fsdp_param in self._members:
-            fsdp_param.pin_memory = True
+            if not _reads_local_shard(fsdp_param):  # training would silently stop learning
+                name = fsdp_param._param_fqn or "a parameter"
+                raise DsError(
+                    f"FSDP2 (torch {torch.__version__}) moved the offloaded shard of {name} away from the buffer "
+                    "its all-gather reads, so optimizer updates would never reach the forward. Setting "
+                    "pin_memory: false in offload_optimizer/offload_param may avoid it; please report this."
+                )
+            fsdp_param.pin_memory = self._pin
         assert self._handle is not None
         self._handle.remove()
         self._handle = None

@@ -47,7 +47,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ds.core.errors import DsError
-from ds.zero.host_shards import fsdp_params
+from ds.zero.host_shards import fsdp_reads_local_shard
 from ds.zero.swap import SwapConfig, SwapHandle, TensorSwapper
 
 
@@ -77,21 +77,6 @@ def _distinct(units: Iterable[nn.Module]) -> list[nn.Module]:
         if unit not in seen:
             seen.append(unit)
     return seen
-
-
-def fsdp_reads_local_shard(unit: nn.Module) -> bool:
-    """Whether FSDP2's copy-in buffer of every parameter of ``unit`` shares its ``to_local()`` storage.
-
-    FSDP2's ``_sharded_param_data`` is the buffer it copies to the device for the
-    all-gather, and the swap is only sound if freeing the local
-    shard's storage frees (and reloading it refills) that buffer too.
-    """
-    for fsdp_param in fsdp_params(unit):
-        buffer = fsdp_param._sharded_param_data
-        shard = fsdp_param.sharded_param.to_local()
-        if shard.numel() and buffer.untyped_storage().data_ptr() != shard.untyped_storage().data_ptr():
-            return False
-    return True
 
 
 class ParamSwap:
