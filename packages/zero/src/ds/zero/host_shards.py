@@ -79,7 +79,7 @@ class HostShards:
                 if on_host and fsdp_param.fsdp_placement.dim == 0:  # ds shards dim 0; others keep theirs
                     by_dtype.setdefault(fsdp_param._sharded_param_data.dtype, []).append(fsdp_param)
             for dtype, members in by_dtype.items():
-                numel = sum(_padded_numel(p) for p in members)
+                numel = sum(p._sharded_param_data.numel() for p in members)
                 self.buffers.append(_gather(members, host_empty(numel, dtype, pin=pin)))
                 self._members += members
         self._pin = pin
@@ -100,10 +100,6 @@ class HostShards:
         assert self._handle is not None
         self._handle.remove()
         self._handle = None
-
-
-def _padded_numel(fsdp_param: Any) -> int:
-    return fsdp_param._sharded_param_data.numel()
 
 
 def _gather(members: list[Any], buffer: torch.Tensor) -> torch.Tensor:

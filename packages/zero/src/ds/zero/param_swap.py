@@ -5,7 +5,9 @@ With ``offload_param: {device: nvme}`` the fp32 local shards FSDP2 keeps on the 
 shard units around the one in use, not the whole model. A shard's memory is its tensor's
 storage, which FSDP2's copy-in buffer (``_sharded_param_data``) and the parameter's
 ``to_local()`` share: resizing that storage to zero bytes frees the memory for both, and
-resizing it back and reading the file in restores both, with no FSDP2 state touched.
+resizing it back and reading the file in restores both, with no FSDP2 state touched
+(:class:`~ds.zero.host_shards.HostShards`, which puts each unit's shards in one storage,
+checks at the first forward that FSDP2 still reads them there).
 
 Where data moves (``ahead`` is stage 3's prefetch depth in units, ``order`` the traced
 forward order of :mod:`ds.zero.stage3_trace`):
@@ -47,7 +49,6 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ds.core.errors import DsError
-from ds.zero.host_shards import fsdp_reads_local_shard
 from ds.zero.swap import SwapConfig, SwapHandle, TensorSwapper
 
 
@@ -247,9 +248,6 @@ class ParamSwap:
 
     def _write_all_files(self) -> None:
         for module, unit in self._units.items():
-            if not fsdp_reads_local_shard(module):
-                raise DsError("FSDP2 no longer copies parameters in from their local shards' storage in this "
-                              "torch version, which offload_param nvme relies on; use offload_param cpu.")
             if not all(storage.resizable() for storage in unit.storages):
                 raise DsError("offload_param nvme frees parameter shards by resizing their storage, but these "
                               "cannot be resized (pinned by torch?); keep FSDP2's CPUOffloadPolicy unpinned.")
