@@ -30,11 +30,8 @@ until its handle's ``wait`` returns.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import math
 import os
-import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -43,6 +40,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ds.zero.aio import ALIGNMENT, AioConfig, AsyncIO, OpenFile, aligned_empty, open_file, round_up
+from ds.zero.swap_files import SwapFile, file_name, reserve_blocks
 
 
 class SwapConfig(BaseModel):
@@ -87,21 +85,10 @@ class _Piece:
     buffer: torch.Tensor | None = None
 
 
-@dataclass
-class _Entry:
-    """What is on disk for one name."""
-
-    path: Path
-    dtype: torch.dtype
-    shape: torch.Size
-    nbytes: int
-    error: BaseException | None = None
-
-
 @dataclass(eq=False)
 class _Transfer:
     name: str
-    entry: _Entry
+    entry: SwapFile
     write: bool
     file: OpenFile
     pieces: list[_Piece]
@@ -140,11 +127,6 @@ def _direct_capable(data: torch.Tensor | None) -> bool:
     return data is not None and data.device.type == "cpu" and data.data_ptr() % ALIGNMENT == 0
 
 
-def _file_name(name: str) -> str:
-    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
-    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)[:80]}-{digest}.swp"
-
-
 class TensorSwapper:
     """Writes named tensors to files under ``folder`` and reads them back, asynchronously."""
 
@@ -155,7 +137,7 @@ class TensorSwapper:
         self.io = AsyncIO(self.config.aio)
         self._free = [aligned_empty(self.config.buffer_bytes, pin=self.config.pin_memory)
                       for _ in range(self.config.buffer_count)]
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, SwapFile] = {}
         self._writes: dict[str, _Transfer] = {}
         self._reads: dict[str, _Transfer] = {}
         self._write_pieces: dict[int, tuple[_Transfer, _Piece]] = {}  # by request id, oldest first
@@ -171,11 +153,11 @@ class TensorSwapper:
         """Start writing ``tensor`` under ``name`` (replacing what was there)."""
         self._settle(name)
         data = _bytes_of(tensor.contiguous())
-        path = self.folder / _file_name(name)
-        entry = _Entry(path, tensor.dtype, tensor.shape, data.numel())
+        path = self.folder / file_name(name)
+        entry = SwapFile(path, tensor.dtype, tensor.shape, data.numel())
         self._entries[name] = entry
         file = open_file(path, write=True)
-        _reserve(file, round_up(entry.nbytes))
+        reserve_blocks(file, round_up(entry.nbytes))
         transfer = _Transfer(name, entry, True, file, self._plan(entry.nbytes, _direct_capable(data)), data)
         self._writes[name] = transfer
         for piece in transfer.pieces:
@@ -230,13 +212,13 @@ class TensorSwapper:
 
     # ------------------------------------------------------------------ transfers
 
-    def _entry(self, name: str) -> _Entry:
+    def _entry(self, name: str) -> SwapFile:
         entry = self._entries.get(name)
         if entry is None:
             raise KeyError(f"no tensor named {name!r} was swapped out to {self.folder}; swap_out it first")
         return entry
 
-    def _check_out(self, name: str, out: torch.Tensor) -> _Entry:
+    def _check_out(self, name: str, out: torch.Tensor) -> SwapFile:
         entry = self._entry(name)
         if out.dtype != entry.dtype or out.numel() != math.prod(entry.shape) or not out.is_contiguous():
             raise ValueError(f"{name!r} holds {entry.dtype} of shape {tuple(entry.shape)}; the destination "
@@ -392,14 +374,3 @@ class TensorSwapper:
             self._free.append(piece.buffer)
         piece.buffer = None
 
-
-def _reserve(file: OpenFile, nbytes: int) -> None:
-    """Allocate the file's blocks up front: extending writes serialise on some file systems."""
-    if os.fstat(file.fd).st_size == nbytes:
-        return
-    os.ftruncate(file.fd, nbytes)
-    try:
-        os.posix_fallocate(file.fd, 0, nbytes)
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            raise
