@@ -24,11 +24,11 @@ tiny_gpt2 = partial(hf_models.tiny_gpt2, vocab=VOCAB, layers=LAYERS)
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2, make_model])
-def test_blocks_are_ds_zero_stage3_shard_units(build) -> None:  # noqa: ANN001 - parametrised factories
-    stage3 = pytest.importorskip("ds.zero.stage3")
+def test_blocks_are_ds_zero_shard_units(build) -> None:  # noqa: ANN001 - parametrised factories
+    units = pytest.importorskip("ds.zero.units")
     model = build()
 
-    assert [id(b) for b in repeated_blocks(model)] == [id(u) for u in stage3.shard_units(model)]
+    assert [id(b) for b in repeated_blocks(model)] == [id(u) for u in units.shard_units(model)]
 
 
 def test_compiled_blocks_keep_names_and_numbers_and_share_one_graph() -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from ds.core.comm import CollectiveHandle
 from ds.core.state_names import Segment
 
 MasterFactory = Callable[[torch.Tensor], torch.Tensor]
@@ -61,6 +62,7 @@ class FlatGroup:
         owned = self.full[self.lo : self.hi].detach()
         self.master = owned.float().clone() if make_master is None else make_master(owned)
         self.segments = list(self._segments())
+        self._refresh: CollectiveHandle | None = None
 
     def _segments(self) -> Iterator[Segment]:
         for name, p, offset in zip(self.names, self.params, self.offsets, strict=True):
@@ -85,6 +87,21 @@ class FlatGroup:
         """
         with torch.no_grad():
             self.owned_slice.copy_(self.master)
+
+    def refresh_launched(self, handle: CollectiveHandle) -> None:
+        """Record the all-gather now rewriting ``full``; every reader of ``full`` waits for it."""
+        self.wait_for_refresh()
+        self._refresh = handle
+
+    def wait_for_refresh(self) -> None:
+        """Return once ``full`` holds the stepped weights (on GPUs: once the current stream is ordered after them)."""
+        handle, self._refresh = self._refresh, None
+        if handle is not None:
+            handle.wait()
+
+    @property
+    def refresh_pending(self) -> bool:
+        return self._refresh is not None
 
     def __contains__(self, param: object) -> bool:
         return any(param is p for p in self.params)

@@ -13,8 +13,9 @@ the whole value of each parameter (one tensor for one parameter, else a list):
   one modules, optimizer and FSDP hold) becomes a ``Replicate`` DTensor over that whole
   value, so ``param.to_local()``, ``param.full_tensor()`` and in-place DTensor ops on
   ``param`` see and change the yielded tensor. On exit it holds its shard again.
-* a whole parameter (stages 0-2) is yielded as it is, with nothing gathered (and an
-  edit to it without ``modifier_rank`` stays on the rank that made it).
+* a whole parameter (stages 0-2) is yielded as it is, with nothing gathered, once the
+  last step's background refresh has written it (and an edit to it without
+  ``modifier_rank`` stays on the rank that made it).
 
 On exit with ``modifier_rank`` (a rank of the parameter's group: its mesh's for a
 DTensor, ``group`` for whole parameters, default the world), that rank's whole values
@@ -83,7 +84,7 @@ class GatheredParameters:
         with torch.no_grad():
             for param in self._params:
                 if id(param) not in seen:
-                    seen[id(param)] = self._stand_whole(param) if isinstance(param, DTensor) else param
+                    seen[id(param)] = self._stand_whole(param) if isinstance(param, DTensor) else _refreshed(param)
         return self._result([seen[id(p)] for p in self._params])
 
     def __exit__(
@@ -141,6 +142,14 @@ class GatheredParameters:
         if size > 1:
             src = self._modifier_rank if group is None else dist.get_global_rank(group, self._modifier_rank)
             dist.broadcast(tensor, src=src, group=group)
+
+
+def _refreshed(param: torch.Tensor) -> torch.Tensor:
+    """A stage 1/2 parameter once the all-gather of the last step has written it."""
+    found = flat_group_of(param)
+    if found is not None:
+        found[0].wait_for_refresh()
+    return param
 
 
 def _refresh_master(param: torch.Tensor) -> None:

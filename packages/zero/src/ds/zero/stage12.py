@@ -10,7 +10,10 @@ parameter communication. Per bucket (:class:`~ds.zero.flat_group.FlatGroup`):
   the full bucket, so only ``1/N`` of the gradients stay resident.
 
 After the optimizer updates this rank's fp32 master slice, one all-gather per bucket
-refreshes everybody's compute-dtype parameters. With ``offload_optimizer`` the master
+refreshes everybody's compute-dtype parameters; with ``overlap_comm`` (the default) those
+gathers run behind the next forward, each block waiting only for its own buckets
+(:mod:`ds.zero.refresh_waits`), and the reduce-scatters behind backward. ``overlap_comm:
+false`` finishes every reduction in its gradient hook and every gather inside ``step``. With ``offload_optimizer`` the master
 slices, reduced gradients and optimizer state live on the CPU (:mod:`ds.zero.offload`).
 ZeRO++'s qgZ and qwZ replace the reduce-scatter and that all-gather with quantized ones
 (:mod:`ds.zero.zeropp`).
@@ -60,6 +63,7 @@ from ds.core.state_names import (
 from ds.zero.disk_adam import moments_in_memory, store_loaded_moments
 from ds.zero.flat_group import FlatGroup, build_flat_groups
 from ds.zero.offload import HostMasters, build_host_optimizer
+from ds.zero.refresh_waits import register_refresh_waits
 from ds.zero.zeropp import ZeroPlusPlus
 
 if TYPE_CHECKING:
@@ -149,6 +153,8 @@ class ShardedOptimizerPartitioner(Partitioner):
         self._bucket_of = {id(p): (b, i) for b in self._buckets for i, p in enumerate(b.group.params)}
         self._sync_enabled = True
         self._in_flight: list[_BucketState] = []
+        self._overlap = zero.overlap_comm
+        self._max_in_flight = MAX_REDUCTIONS_IN_FLIGHT if zero.overlap_comm else 0
         if self._host is not None:
             self._host.attach(self._groups)
         user_groups = context.param_groups or [{"params": [p for _, p in named]}]
@@ -163,6 +169,8 @@ class ShardedOptimizerPartitioner(Partitioner):
         self.gradient_norm_group = self._group
         for _, param in named:
             param.register_post_accumulate_grad_hook(self._on_grad_ready)
+        if self._overlap:
+            register_refresh_waits(self.module, self._groups)
 
     # -- gradients --------------------------------------------------------------------
 
@@ -193,7 +201,7 @@ class ShardedOptimizerPartitioner(Partitioner):
         bucket.launched = True
         # Bound the reduce-scatter buffers alive at once: finish the oldest before more pile up.
         self._in_flight.append(bucket)
-        if len(self._in_flight) > MAX_REDUCTIONS_IN_FLIGHT:
+        if len(self._in_flight) > self._max_in_flight:
             self._drain(self._in_flight.pop(0))
 
     def _drain(self, bucket: _BucketState) -> None:
@@ -244,28 +252,26 @@ class ShardedOptimizerPartitioner(Partitioner):
     # -- step -------------------------------------------------------------------------
 
     def step(self) -> None:
+        for group in self._groups:
+            group.wait_for_refresh()  # two steps without a forward between them
         if self._host is None:
             self.optimizer.step()
             for group in self._groups:
                 group.refresh_owned_slice()
-            self._all_gather_params()
         else:
             self._host.step(self.optimizer)
-            self._all_gather_params()
+        self._refresh_parameters(wait=not self._overlap)
 
-    def _all_gather_params(self, owned_slices: list[torch.Tensor] | None = None) -> None:
-        """Refresh every rank's full parameters from the owned slices.
+    def _refresh_parameters(self, *, wait: bool) -> None:
+        """All-gather every group's full parameters from the owned slices, in place.
 
-        Without ``owned_slices`` each group's own slice of ``full`` is the input (an
-        in-place all-gather), so the refresh allocates nothing.
+        Without ``wait`` the gathers stay in flight; readers of ``full`` wait per group.
         """
-        works = [
-            self._all_gather(g.full, g.owned_slice if owned_slices is None else owned_slices[i],
-                             group=self._group, async_op=True)
-            for i, g in enumerate(self._groups)
-        ]
-        for work in works:
-            self._comm.wait(work)
+        for group in self._groups:
+            group.refresh_launched(self._all_gather(group.full, group.owned_slice, group=self._group, async_op=True))
+        if wait:
+            for group in self._groups:
+                group.wait_for_refresh()
 
     def zero_grad(self) -> None:
         for bucket in self._buckets:
@@ -284,8 +290,9 @@ class ShardedOptimizerPartitioner(Partitioner):
         load_optimizer_state(self.optimizer, reader, self._segments)
         store_loaded_moments(self.optimizer)
         for group in self._groups:
+            group.wait_for_refresh()
             group.refresh_owned_slice()
-        self._all_gather_params()
+        self._refresh_parameters(wait=True)
 
     def gather_full_parameters(self) -> dict[str, torch.Tensor]:
         result = {}

@@ -64,24 +64,12 @@ from ds.zero.offload import build_host_optimizer
 from ds.zero.param_swap import ParamSwap
 from ds.zero.stage3_trace import ForwardOrderTrace, PrefetchPlan, apply_prefetch_plan, prefetch_plan, prefetch_window
 from ds.zero.swap import SwapConfig
+from ds.zero.units import shard_units
 from ds.zero.zeropp import ZeroPlusPlus
 
 if TYPE_CHECKING:
     from ds.core.checkpoint import CheckpointReader, TensorShard
     from ds.zero.config import OffloadConfig, ZeroConfig
-
-
-def shard_units(module: nn.Module) -> list[nn.Module]:
-    """The modules that get one all-gather each, in forward order when registration order is."""
-    units: list[nn.Module] = []
-    for child in module.modules():
-        if isinstance(child, (nn.ModuleList, nn.Sequential)) and child is not module:
-            units.extend(c for c in child.children() if any(p.requires_grad for p in c.parameters()))
-    if not units:
-        units = [c for c in module.children() if any(p.requires_grad for p in c.parameters())]
-    seen: set[int] = set()
-    nested = {id(m) for u in units for m in u.modules() if m is not u}
-    return [u for u in units if id(u) not in nested and not (id(u) in seen or seen.add(id(u)))]
 
 
 def _numel(module: nn.Module) -> int:
