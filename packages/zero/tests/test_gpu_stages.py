@@ -64,3 +64,22 @@ def test_stage3_params_on_disk_match_data_parallel(optimizer_offload: str, tmp_p
     for name, ref in reference[1].items():
         assert result[1][name].is_cuda
         torch.testing.assert_close(result[1][name].float(), ref.float(), rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("stage", [1, 2])
+def test_overlapped_refresh_on_two_gpus_matches_the_synchronous_one(stage: int) -> None:
+    """NCCL, 2 processes: with ``overlap_comm`` the all-gathers of a step run on NCCL's stream
+    behind the next forward; a block that read its weights before they arrived would train on
+    the previous step's (or half-written) weights. The losses and weights must equal those of
+    the run that waits inside ``step``."""
+    runs = {}
+    for overlap in (True, False):
+        config = _config(stage)
+        config["train_batch_size"] = 8
+        config["zero_optimization"]["overlap_comm"] = overlap
+        runs[overlap] = run_distributed(train_rank, 2, config, 10)
+    for on, off in zip(runs[True], runs[False], strict=True):
+        torch.testing.assert_close(torch.tensor(on[0]), torch.tensor(off[0]), rtol=1e-6, atol=0)
+        for name, ref in off[1].items():
+            torch.testing.assert_close(on[1][name], ref, rtol=1e-6, atol=0, msg=name)

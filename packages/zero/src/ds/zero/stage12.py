@@ -266,8 +266,10 @@ class ShardedOptimizerPartitioner(Partitioner):
         """All-gather every group's full parameters from the owned slices, in place.
 
         Without ``wait`` the gathers stay in flight; readers of ``full`` wait per group.
+        Groups were cut in backward order, so they are gathered in reverse: the buckets of
+        the first layers the next forward runs arrive first.
         """
-        for group in self._groups:
+        for group in reversed(self._groups):
             group.refresh_launched(self._all_gather(group.full, group.owned_slice, group=self._group, async_op=True))
         if wait:
             for group in self._groups:
