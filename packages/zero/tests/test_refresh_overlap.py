@@ -46,7 +46,8 @@ def _rank(stage: int, overlap: bool) -> dict[str, Any]:
     partitioner = engine.partitioner
     groups = partitioner._groups
     rank, world = dist.get_rank(), dist.get_world_size()
-    record: dict[str, Any] = {"groups": len(groups), "losses": [], "in_flight": [], "after_step": [], "after_forward": []}
+    record: dict[str, Any] = {"groups": len(groups), "losses": [], "in_flight": [], "after_step": [],
+                              "after_forward": []}
     for batch in global_batches(STEPS, 4):
         (micro,) = rank_micro_batches(batch, rank, world, 1)
         loss = engine(micro)
