@@ -15,8 +15,8 @@ gathers run behind the next forward, each block waiting only for its own buckets
 (:mod:`ds.zero.refresh_waits`), and the reduce-scatters behind backward. ``overlap_comm:
 false`` finishes every reduction in its gradient hook and every gather inside ``step``.
 With ``offload_optimizer`` the master slices, reduced gradients and optimizer state live
-on the CPU (:mod:`ds.zero.offload`). ZeRO++'s qgZ and qwZ replace the reduce-scatter and that all-gather with quantized ones
-(:mod:`ds.zero.zeropp`).
+on the CPU (:mod:`ds.zero.offload`). ZeRO++'s qgZ and qwZ replace the reduce-scatter and
+that all-gather with quantized ones (:mod:`ds.zero.zeropp`).
 
 Byte budget per rank (Ψ parameters, N data-parallel ranks, g bytes per reduced gradient
 element: the compute dtype's 2 under bf16 by default, 4 with ``communication_data_type: fp32``), checked on CPU by
