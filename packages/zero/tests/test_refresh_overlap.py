@@ -79,3 +79,24 @@ def test_overlap_comm_defers_waits_to_the_readers(stage: int) -> None:
         for name, master in on["masters"].items():
             torch.testing.assert_close(on["state"][name], master, rtol=0, atol=0, msg=name)
             torch.testing.assert_close(off["masters"][name], master, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize(("zero", "problem"), [
+    ({"stage": 3, "overlap_comm": False}, "overlap_comm false is not supported at stage 3"),
+    ({"stage": 2, "allgather_partitions": False}, "allgather_partitions is not supported"),
+])
+def test_settings_ds_cannot_honour_are_rejected(zero: dict[str, Any], problem: str) -> None:
+    from ds.core.config import load_config
+    from ds.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=problem):
+        load_config({"train_batch_size": 2, "zero_optimization": zero}, world_size=1)
+
+
+def test_overlap_comm_false_is_accepted_at_stages_1_and_2() -> None:
+    from ds.core.config import load_config
+
+    for stage in (1, 2):
+        config = load_config({"train_batch_size": 2, "zero_optimization": {"stage": stage, "overlap_comm": False}},
+                             world_size=1)
+        assert config.section("zero_optimization").overlap_comm is False

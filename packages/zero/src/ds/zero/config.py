@@ -1,7 +1,10 @@
 """The ``zero_optimization`` config section, with DeepSpeed's keys, defaults and meaning.
 
-Values ds accepts but does not implement yet (MiCS, ``reduce_scatter: false``) are
-rejected when the config loads, with the key named, never silently ignored.
+Values ds accepts but does not implement yet (MiCS, ``reduce_scatter: false``,
+``allgather_partitions: false``, ``overlap_comm: false`` at stage 3) are rejected when the
+config loads, with the key named, never silently ignored. ``allgather_bucket_size`` is
+accepted and bounds nothing: stages 1/2 gather each reduce bucket in place, needing no
+gather buffer, and stage 3 gathers per block.
 ``offload_param: {device: nvme}`` (stage 3 only) keeps parameter shards in files under
 ``nvme_path`` between uses (:mod:`ds.zero.param_swap`).
 """
@@ -101,6 +104,7 @@ class ZeroConfig(SectionModel):
         unsupported = {
             "mics_shard_size": self.mics_shard_size > 0,
             "reduce_scatter": not self.reduce_scatter,
+            "allgather_partitions": not self.allgather_partitions,  # DeepSpeed's broadcast alternative
         }
         for key, asked in unsupported.items():
             if asked:
@@ -108,6 +112,11 @@ class ZeroConfig(SectionModel):
                     f"zero_optimization.{key} is not supported by this version of ds-zero yet; "
                     "remove it (or set it to its default) to train without it."
                 )
+        if self.stage == 3 and not self.overlap_comm:
+            raise ValueError(
+                "zero_optimization.overlap_comm false is not supported at stage 3: FSDP2 always gathers and "
+                "reduces on its own streams, overlapped with compute. Remove overlap_comm (or set it true)."
+            )
         zeropp_min_stage = {
             "zero_quantized_weights": (self.zero_quantized_weights, 1),
             "zero_quantized_gradients": (self.zero_quantized_gradients, 1),
