@@ -204,7 +204,9 @@ def assert_moment(out: torch.Tensor, ref: torch.Tensor, terms: torch.Tensor) -> 
     (torch.bfloat16, torch.bfloat16, None),
 ])
 @pytest.mark.parametrize("adamw", [True, False])
-def test_multi_tensor_adam(param_dtype, grad_dtype, copy_dtype, adamw: bool) -> None:
+@pytest.mark.parametrize("grad_scale", [1.0, 0.37])
+def test_multi_tensor_adam(param_dtype, grad_dtype, copy_dtype, adamw: bool, grad_scale: float) -> None:
+    """``grad_scale`` (ZeRO's fused step: clipping and loss scale) multiplies each gradient in float32."""
     sizes = [1, 7, 16383, 16385, 100_003, 3 * 1024 + 5, 1 << 20]
     params = [torch.randn(n, device="cuda", dtype=param_dtype) for n in sizes]
     grads = [torch.randn(n, device="cuda", dtype=grad_dtype) for n in sizes]
@@ -213,8 +215,10 @@ def test_multi_tensor_adam(param_dtype, grad_dtype, copy_dtype, adamw: bool) -> 
     copies = [torch.full((n,), float("nan"), device="cuda", dtype=copy_dtype) for n in sizes] if copy_dtype else []
     before = [(p.clone(), g.clone(), m.clone(), v.clone()) for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs)]
     hyper = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1, "step": 3, "adamw": adamw}
-    torch.ops.ds.adam_step(params, grads, exp_avgs, exp_avg_sqs, copies, bias_correction=True, **hyper)
-    for i, (p0, g0, m0, v0) in enumerate(before):
+    torch.ops.ds.adam_step(params, grads, exp_avgs, exp_avg_sqs, copies, bias_correction=True, grad_scale=grad_scale,
+                           **hyper)
+    for i, (p0, g_in, m0, v0) in enumerate(before):
+        g0 = g_in.double() * grad_scale
         ref_p, ref_m, ref_v = adam_reference(p0, g0, m0, v0, **hyper)
         bound = 1e-6 if param_dtype == torch.float32 else BOUND[param_dtype]
         assert rel_error(params[i], ref_p) < bound

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ds.core.partition import PartitionContext, Partitioner, broadcast_module_from_first_rank
+from ds.core.partition import PartitionContext, Partitioner, broadcast_module_from_first_rank, scale_gradients
 from ds.core.state_names import (
     load_masters,
     load_optimizer_state,
@@ -170,7 +170,8 @@ class DataParallelPartitioner(Partitioner):
 
     # -- optimizer ------------------------------------------------------------------
 
-    def step(self) -> None:
+    def step(self, grad_scale: float = 1.0) -> None:
+        scale_gradients(self._master_grads, grad_scale)
         self.optimizer.step()
         if self._masters is not self._params:
             with torch.no_grad():

@@ -16,7 +16,7 @@ need; parameters that are DTensors (FSDP2 shards) are updated through their loca
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -105,20 +105,38 @@ class _MultiTensorOptimizer(Optimizer):
     Parameters that have taken different numbers of steps (one added late, or skipped when
     its gradient was None) are stepped in separate calls, one per step count; usually
     there is one. ``step`` stays a CPU tensor as in torch, so reading it never syncs a GPU.
+
+    ``step``'s keyword arguments let a ZeRO partitioner fuse its step: ``gradients`` (one
+    per parameter, in ``param_groups`` order, None to skip one) replace ``param.grad``,
+    since a bf16 gradient slice cannot be an fp32 master's ``.grad`` and converting it would
+    cost a pass and an fp32 copy; ``low_precision_copies`` receive each updated parameter
+    (the compute-dtype weights) in the same pass; ``grad_scale`` multiplies every gradient
+    as it is read.
     """
 
-    def _apply(self, group: dict[str, Any], step: int, tensors: tuple[list[Tensor], ...]) -> None:
+    def _apply(self, group: dict[str, Any], step: int, tensors: tuple[list[Tensor], ...], grad_scale: float) -> None:
         raise NotImplementedError
 
     @torch.no_grad()
-    def step(self, closure: Closure = None) -> float | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self,
+        closure: Closure = None,
+        *,
+        gradients: Sequence[Tensor | None] | None = None,
+        low_precision_copies: Sequence[Tensor] | None = None,
+        grad_scale: float = 1.0,
+    ) -> float | None:
         loss = _run_closure(closure)
+        index = 0
         for group in self.param_groups:
             by_step: dict[int, tuple[list[Tensor], ...]] = {}
             for param in group["params"]:
-                if param.grad is None:
+                grad = param.grad if gradients is None else gradients[index]
+                copy = None if low_precision_copies is None else low_precision_copies[index]
+                index += 1
+                if grad is None:
                     continue
-                if param.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state = self.state[param]
                 if not state:
@@ -128,11 +146,12 @@ class _MultiTensorOptimizer(Optimizer):
                                                         memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
                 state["step"] += 1
-                lists = by_step.setdefault(int(state["step"]), ([], [], [], []))
-                for target, tensor in zip(lists, (param, param.grad, state["exp_avg"], state["exp_avg_sq"])):
-                    target.append(local(tensor))
+                lists = by_step.setdefault(int(state["step"]), ([], [], [], [], []))
+                for target, tensor in zip(lists, (param, grad, state["exp_avg"], state["exp_avg_sq"], copy)):
+                    if tensor is not None:
+                        target.append(local(tensor))
             for step, tensors in by_step.items():
-                self._apply(group, step, tensors)
+                self._apply(group, step, tensors, grad_scale)
         return loss
 
 
@@ -155,12 +174,12 @@ class FusedAdam(_MultiTensorOptimizer):
                     "bias_correction": bias_correction, "decoupled_weight_decay": decoupled_weight_decay}
         super().__init__(params, defaults)
 
-    def _apply(self, group: dict[str, Any], step: int, tensors: tuple[list[Tensor], ...]) -> None:
+    def _apply(self, group: dict[str, Any], step: int, tensors: tuple[list[Tensor], ...], grad_scale: float) -> None:
         beta1, beta2 = group["betas"]
-        ops.adam_step(*tensors, [], lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
-                               eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), step=step,
-                               adamw=bool(group["decoupled_weight_decay"]),
-                               bias_correction=bool(group["bias_correction"]))
+        ops.adam_step(*tensors, lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                      eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), step=step,
+                      adamw=bool(group["decoupled_weight_decay"]), bias_correction=bool(group["bias_correction"]),
+                      grad_scale=grad_scale)
 
 
 class FusedLamb(_MultiTensorOptimizer):
@@ -191,13 +210,15 @@ class FusedLamb(_MultiTensorOptimizer):
                     "eps_inside_sqrt": eps_inside_sqrt}
         super().__init__(params, defaults)
 
-    def _apply(self, group: dict[str, Any], step: int, tensors: tuple[list[Tensor], ...]) -> None:
+    def _apply(self, group: dict[str, Any], step: int, tensors: tuple[list[Tensor], ...], grad_scale: float) -> None:
         beta1, beta2 = group["betas"]
-        ops.lamb_step(*tensors, [], lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
-                               eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), step=step,
-                               bias_correction=bool(group["bias_correction"]),
-                               max_coeff=float(group["max_coeff"]), min_coeff=float(group["min_coeff"]),
-                               eps_inside_sqrt=bool(group["eps_inside_sqrt"]))
+        params, grads, exp_avgs, exp_avg_sqs, copies = tensors
+        if grad_scale != 1.0:  # the LAMB op reads gradients as they are
+            grads = list(torch._foreach_mul(grads, grad_scale))
+        ops.lamb_step(params, grads, exp_avgs, exp_avg_sqs, copies, lr=float(group["lr"]), beta1=float(beta1),
+                      beta2=float(beta2), eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                      step=step, bias_correction=bool(group["bias_correction"]), max_coeff=float(group["max_coeff"]),
+                      min_coeff=float(group["min_coeff"]), eps_inside_sqrt=bool(group["eps_inside_sqrt"]))
 
 
 __all__ = ["AdamWithoutBiasCorrection", "FusedAdam", "FusedLamb"]

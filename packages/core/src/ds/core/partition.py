@@ -75,6 +75,12 @@ class PartitionContext:
         return result
 
 
+def scale_gradients(grads: list[torch.Tensor], grad_scale: float) -> None:
+    """Multiply gradients in place: :meth:`Partitioner.step`'s scale for optimizers that cannot take it."""
+    if grad_scale != 1.0 and grads:
+        torch._foreach_mul_(grads, grad_scale)
+
+
 class Partitioner(ABC):
     """Owns master weights, gradient sync and the optimizer step for one data-parallel layout.
 
@@ -111,8 +117,13 @@ class Partitioner(ABC):
         """The master-dtype gradients this rank owns (and will apply in :meth:`step`)."""
 
     @abstractmethod
-    def step(self) -> None:
-        """Apply the optimizer to owned master weights and refresh the compute weights."""
+    def step(self, grad_scale: float = 1.0) -> None:
+        """Apply the optimizer to owned master weights and refresh the compute weights.
+
+        Every owned gradient counts as multiplied by ``grad_scale`` (the engine's inverse
+        loss scale times its clipping factor). A partitioner may fold that into a fused
+        update rather than rewrite the gradients first (:func:`scale_gradients`).
+        """
 
     @abstractmethod
     def zero_grad(self) -> None:

@@ -32,7 +32,8 @@ gradient buckets, stage 1         ≤ gΨ            first gradient of a bucket 
 gradient slice, stage 2           gΨ/N            first reduction of a bucket .. zero_grad
 full buckets, stage 2             ≤ open + 2      while a bucket fills and its reduction runs
 reduce-scatter scratch            ≤ 3 shards      stage 1; stage 2 after a window's first micro-step
-fp32 gradient copy (g = 2 only)   4Ψ/N            finish_gradient_sync .. zero_grad
+fp32 gradient copy (g = 2 only)   4Ψ/N            finish_gradient_sync .. zero_grad; none
+                                                  with FusedAdam (GPU: it reads the slice)
 optimizer temporaries             0 .. 2 masters  fused Adam: none; torch's for-loop: 2 x largest
 parameter refresh                 0               all-gather in place from the owned slice
 ================================  ==============  ===========================================
@@ -52,7 +53,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from ds.core.partition import PartitionContext, Partitioner, broadcast_module_from_first_rank
+from ds.core.optimizer_classes import FusedAdam
+from ds.core.partition import PartitionContext, Partitioner, broadcast_module_from_first_rank, scale_gradients
 from ds.core.state_names import (
     load_masters,
     load_optimizer_state,
@@ -165,6 +167,11 @@ class ShardedOptimizerPartitioner(Partitioner):
         )
         if self._host is not None:
             self._host.use_optimizer(self.optimizer, self._reduce_dtype)
+        # FusedAdam on device masters takes each reduced slice as it is (bf16 under bf16: no
+        # fp32 copy), applies the engine's scale as it reads it and writes the compute-dtype
+        # weights in the same pass (no separate refresh copy).
+        self._fused = self._host is None and isinstance(self.optimizer, FusedAdam)
+        self._fused_grads: list[torch.Tensor | None] = [None] * len(self._groups)
         self._segments = [s for g in self._groups for s in g.segments]
         self.gradient_norm_group = self._group
         for _, param in named:
@@ -239,6 +246,8 @@ class ShardedOptimizerPartitioner(Partitioner):
             grad = bucket.reduced_gradient().div_(self._world)
             if self._host is not None:
                 self._host.receive_gradient(index, grad)
+            elif self._fused:
+                self._fused_grads[index] = grad
             else:
                 # torch optimizers want gradients in the master dtype: a bf16 reduction costs
                 # an fp32 copy of the slice, alive until zero_grad.
@@ -247,20 +256,35 @@ class ShardedOptimizerPartitioner(Partitioner):
             self._host.gradients_arrived()
 
     def owned_gradients(self) -> list[torch.Tensor]:
+        if self._fused:
+            return [g for g in self._fused_grads if g is not None]
         return [b.group.master.grad for b in self._buckets if b.group.master.grad is not None]
 
     # -- step -------------------------------------------------------------------------
 
-    def step(self) -> None:
+    def step(self, grad_scale: float = 1.0) -> None:
         for group in self._groups:
             group.wait_for_refresh()  # two steps without a forward between them
-        if self._host is None:
+        if self._fused:
+            self._fused_step(grad_scale)
+        elif self._host is None:
+            scale_gradients(self.owned_gradients(), grad_scale)
             self.optimizer.step()
             for group in self._groups:
                 group.refresh_owned_slice()
         else:
+            scale_gradients(self.owned_gradients(), grad_scale)
             self._host.step(self.optimizer)
         self._refresh_parameters(wait=not self._overlap)
+
+    def _fused_step(self, grad_scale: float) -> None:
+        index_of = {id(g.master): i for i, g in enumerate(self._groups)}
+        order = [index_of[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+        self.optimizer.step(
+            gradients=[self._fused_grads[i] for i in order],
+            low_precision_copies=[self._groups[i].owned_slice for i in order],
+            grad_scale=grad_scale,
+        )
 
     def _refresh_parameters(self, *, wait: bool) -> None:
         """All-gather every group's full parameters from the owned slices, in place.
@@ -280,6 +304,7 @@ class ShardedOptimizerPartitioner(Partitioner):
             self._drain(bucket)  # a backward without step may have left reductions in flight
             bucket.release()
             bucket.group.master.grad = None
+        self._fused_grads = [None] * len(self._groups)
 
     # -- checkpoints and accounting ---------------------------------------------------------
 

@@ -46,7 +46,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from ds.core.partition import PartitionContext, Partitioner, broadcast_module_from_first_rank
+from ds.core.partition import PartitionContext, Partitioner, broadcast_module_from_first_rank, scale_gradients
 from ds.core.state_names import (
     Segment,
     load_masters,
@@ -200,7 +200,8 @@ class FullyShardedPartitioner(Partitioner):
     def owned_gradients(self) -> list[torch.Tensor]:
         return [local(p.grad) for _, p in self._named if p.grad is not None]
 
-    def step(self) -> None:
+    def step(self, grad_scale: float = 1.0) -> None:
+        scale_gradients(self.owned_gradients(), grad_scale)
         if self._param_swap is None:
             self.optimizer.step()
         else:

@@ -113,9 +113,7 @@ class Engine(nn.Module):
             clip = float(self.config.gradient_clipping or 0.0)
             if clip > 0 and clip / (norm + 1e-6) < 1.0:  # torch.nn.utils.clip_grad_norm_'s rule
                 coefficient *= clip / (norm + 1e-6)
-            if coefficient != 1.0 and grads:
-                torch._foreach_mul_(grads, coefficient)
-            self.partitioner.step()
+            self.partitioner.step(coefficient)
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
         else:

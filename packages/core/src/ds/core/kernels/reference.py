@@ -135,6 +135,7 @@ def adam_step(
     step: int,
     adamw: bool,
     bias_correction: bool,
+    grad_scale: float = 1.0,
 ) -> None:
     """One Adam/AdamW update of many tensors in place, as ``torch.optim.Adam``/``AdamW`` do.
 
@@ -142,12 +143,16 @@ def adam_step(
     param`` to the gradient (Adam's L2 penalty). ``step`` counts from 1. When
     ``low_precision_params`` is non-empty, each updated parameter is also copied into
     the matching tensor (for example the bf16 weights the model computes with), which a
-    fused kernel does in the same pass.
+    fused kernel does in the same pass. Each gradient is multiplied by ``grad_scale`` as it
+    is read (the engine's loss-scale and clipping factor), so no pass rewrites the
+    gradients and 16-bit gradients are scaled in float32.
     """
     _check_optimizer_lists("adam_step", params, grads, exp_avgs, exp_avg_sqs, low_precision_params, step)
     if not params:
         return
     updates: list[Tensor] | tuple[Tensor, ...] = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
+    if grad_scale != 1.0:
+        updates = torch._foreach_mul(updates, grad_scale)  # a float32 gradient is the caller's own tensor
     if weight_decay != 0.0:
         if adamw:
             torch._foreach_mul_(params, 1.0 - lr * weight_decay)

@@ -16,10 +16,11 @@ from ._tensor_tables import covered, tensor_tables
 
 def adam_step(ext: ModuleType, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
               exp_avg_sqs: list[Tensor], low_precision_params: list[Tensor], *, lr: float, beta1: float,
-              beta2: float, eps: float, weight_decay: float, step: int, adamw: bool, bias_correction: bool) -> None:
+              beta2: float, eps: float, weight_decay: float, step: int, adamw: bool, bias_correction: bool,
+              grad_scale: float = 1.0) -> None:
     args = (params, grads, exp_avgs, exp_avg_sqs, low_precision_params)
     hyper = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay, "step": step,
-             "adamw": adamw, "bias_correction": bias_correction}
+             "adamw": adamw, "bias_correction": bias_correction, "grad_scale": grad_scale}
     if not params or step < 1 or len(low_precision_params) not in (0, len(params)) or not covered(*args):
         reference("adam_step")(*args, **hyper)
         return
@@ -30,4 +31,4 @@ def adam_step(ext: ModuleType, params: list[Tensor], grads: list[Tensor], exp_av
         for launch in tensor_tables(ext.ADAM_CHUNK, *args):
             ext.adam_step(launch.table.data_ptr(), launch.num_tensors, launch.total_chunks, launch.param_code,
                           launch.grad_code, launch.copy_code, launch.vectorized, lr, beta1, beta2, eps, weight_decay,
-                          correction1, correction2, 1.0, adamw, s)
+                          correction1, correction2, grad_scale, adamw, s)
