@@ -62,7 +62,7 @@ def _waiter(groups: list[FlatGroup]) -> Callable[[nn.Module, Any], None]:
     # Outside torch.compile's graph: the wait is a host-side decision (is a gather still
     # pending?) that must run on every call, and an in-place compiled block would
     # otherwise trace it once and bake in the answer.
-    @torch._dynamo.disable  # type: ignore[misc]
+    @torch._dynamo.disable
     def wait(module: nn.Module, args: Any) -> None:  # noqa: ARG001 - forward pre-hook signature
         _wait_all(groups)
 

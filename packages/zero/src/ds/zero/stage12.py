@@ -278,9 +278,11 @@ class ShardedOptimizerPartitioner(Partitioner):
         self._refresh_parameters(wait=not self._overlap)
 
     def _fused_step(self, grad_scale: float) -> None:
+        optimizer = self.optimizer
+        assert isinstance(optimizer, FusedAdam)  # self._fused
         index_of = {id(g.master): i for i, g in enumerate(self._groups)}
-        order = [index_of[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
-        self.optimizer.step(
+        order = [index_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        optimizer.step(
             gradients=[self._fused_grads[i] for i in order],
             low_precision_copies=[self._groups[i].owned_slice for i in order],
             grad_scale=grad_scale,

@@ -19,6 +19,9 @@ def shard_units(module: nn.Module) -> list[nn.Module]:
             units.extend(c for c in child.children() if any(p.requires_grad for p in c.parameters()))
     if not units:
         units = [c for c in module.children() if any(p.requires_grad for p in c.parameters())]
-    seen: set[int] = set()
     nested = {id(m) for u in units for m in u.modules() if m is not u}
-    return [u for u in units if id(u) not in nested and not (id(u) in seen or seen.add(id(u)))]
+    distinct: dict[int, nn.Module] = {}  # a block listed by two containers counts once
+    for unit in units:
+        if id(unit) not in nested:
+            distinct.setdefault(id(unit), unit)
+    return list(distinct.values())
