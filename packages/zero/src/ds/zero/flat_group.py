@@ -90,7 +90,7 @@ class FlatGroup:
 
     def refresh_launched(self, handle: CollectiveHandle) -> None:
         """Record the all-gather now rewriting ``full``; every reader of ``full`` waits for it."""
-        self.wait_for_refresh()
+        assert self._refresh is None, "wait_for_refresh before writing full again"
         self._refresh = handle
 
     def wait_for_refresh(self) -> None:

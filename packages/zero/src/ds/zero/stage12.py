@@ -171,7 +171,9 @@ class ShardedOptimizerPartitioner(Partitioner):
         # fp32 copy), applies the engine's scale as it reads it and writes the compute-dtype
         # weights in the same pass (no separate refresh copy).
         self._fused = self._host is None and isinstance(self.optimizer, FusedAdam)
-        self._fused_grads: list[torch.Tensor | None] = [None] * len(self._groups)
+        # The optimizer's parameter order as bucket indices, for the fused step's lists.
+        bucket_of_master = {id(g.master): i for i, g in enumerate(self._groups)}
+        self._step_order = [bucket_of_master[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
         self._segments = [s for g in self._groups for s in g.segments]
         self.gradient_norm_group = self._group
         for _, param in named:
@@ -246,9 +248,7 @@ class ShardedOptimizerPartitioner(Partitioner):
             grad = bucket.reduced_gradient().div_(self._world)
             if self._host is not None:
                 self._host.receive_gradient(index, grad)
-            elif self._fused:
-                self._fused_grads[index] = grad
-            else:
+            elif not self._fused:  # the fused step reads the slice itself
                 # torch optimizers want gradients in the master dtype: a bf16 reduction costs
                 # an fp32 copy of the slice, alive until zero_grad.
                 bucket.group.master.grad = grad if grad.dtype == bucket.group.master.dtype else grad.float()
@@ -257,7 +257,7 @@ class ShardedOptimizerPartitioner(Partitioner):
 
     def owned_gradients(self) -> list[torch.Tensor]:
         if self._fused:
-            return [g for g in self._fused_grads if g is not None]
+            return [b.shard_grad for b in self._buckets if b.shard_grad is not None]
         return [b.group.master.grad for b in self._buckets if b.group.master.grad is not None]
 
     # -- step -------------------------------------------------------------------------
@@ -267,24 +267,22 @@ class ShardedOptimizerPartitioner(Partitioner):
             group.wait_for_refresh()  # two steps without a forward between them
         if self._fused:
             self._fused_step(grad_scale)
-        elif self._host is None:
-            scale_gradients(self.owned_gradients(), grad_scale)
-            self.optimizer.step()
-            for group in self._groups:
-                group.refresh_owned_slice()
         else:
             scale_gradients(self.owned_gradients(), grad_scale)
-            self._host.step(self.optimizer)
+            if self._host is None:
+                self.optimizer.step()
+                for group in self._groups:
+                    group.refresh_owned_slice()
+            else:
+                self._host.step(self.optimizer)
         self._refresh_parameters(wait=not self._overlap)
 
     def _fused_step(self, grad_scale: float) -> None:
         optimizer = self.optimizer
         assert isinstance(optimizer, FusedAdam)  # self._fused
-        index_of = {id(g.master): i for i, g in enumerate(self._groups)}
-        order = [index_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
         optimizer.step(
-            gradients=[self._fused_grads[i] for i in order],
-            low_precision_copies=[self._groups[i].owned_slice for i in order],
+            gradients=[self._buckets[i].shard_grad for i in self._step_order],
+            low_precision_copies=[self._groups[i].owned_slice for i in self._step_order],
             grad_scale=grad_scale,
         )
 
@@ -306,7 +304,6 @@ class ShardedOptimizerPartitioner(Partitioner):
             self._drain(bucket)  # a backward without step may have left reductions in flight
             bucket.release()
             bucket.group.master.grad = None
-        self._fused_grads = [None] * len(self._groups)
 
     # -- checkpoints and accounting ---------------------------------------------------------
 
