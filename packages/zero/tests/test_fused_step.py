@@ -6,8 +6,10 @@ factor as ``grad_scale``, and the compute-dtype slices to write in the same pass
 generic path (torch's AdamW, the same arithmetic) converts and scales the gradients
 first and copies the weights after. Both must train to the same losses and weights: in
 fp32 within 1e-6 relative; in bf16 and fp16 within 1e-3 (the same float32 arithmetic;
-only the order of a few roundings into 16-bit weights differs). On CPU the fused step
-runs the op's torch reference, which the CUDA kernel is tested against.
+only the order of a few roundings into 16-bit weights differs). In fp32 the fused run
+also matches plain torch on the whole global batch in one process (1e-5, as
+test_stages.py). On CPU the fused step runs the op's torch reference, which the CUDA
+kernel is tested against.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 from ds.core.testing import run_distributed
-from ds.core.testing.parity import global_batches, make_model, train_step
+from ds.core.testing.parity import global_batches, make_model, reference_run, train_step
 
 STEPS = 8
 ADAM = {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.01}
@@ -73,3 +75,9 @@ def test_fused_step_matches_the_generic_one(stage: int, precision: str) -> None:
         for name, ref in ref_params.items():
             torch.testing.assert_close(params[name], ref, rtol=rtol, atol=rtol * 1e-2, msg=name)
         assert not torch.allclose(ref_params["head.weight"], make_model().head.weight)
+    if precision == "fp32":
+        single = reference_run({**_config(stage, precision), "optimizer": {"type": "AdamW", "params": ADAM}}, STEPS)
+        for losses, params, _ in fused:
+            torch.testing.assert_close(torch.tensor(losses), torch.tensor(single[0]), rtol=1e-5, atol=5e-7)
+            for name, ref in single[1].items():
+                torch.testing.assert_close(params[name], ref, rtol=1e-5, atol=5e-7, msg=name)
