@@ -6,11 +6,15 @@
 //
 // Two designs, each the measured best of its range on an H100 (weights rotated through more
 // than 4x the L2, back-to-back launches, against cuBLAS bf16 of the same shape):
-// * M = 1, SIMT: a warp owns 2 rows, lanes stride K with 16-byte code loads (32 int4 / 16 int8
-//   codes), two loads per row in flight, fp32 FMAs, one warp-shuffle reduction; 4 warps a
-//   block. int4 symmetric: 3.40x cuBLAS at K=8192 N=28672 (91% of copy bandwidth), 2.72x at
-//   K=4096 N=11008, 2.66x at K=11008 N=4096, 2.37x at 4096x4096; one row per warp reached
-//   2.52x / 2.07x / 2.17x / 1.89x, and the tensor-core design below 3.41x / 2.28x / 2.14x / 1.96x.
+// * M = 1, SIMT: two warps of a block share 2 rows and split K between them (chunk c to warp
+//   c / 32 % 2), lanes stride K with 16-byte code loads (32 int4 / 16 int8 codes), fp32 FMAs,
+//   one warp-shuffle reduction and one exchange in shared memory; 4 warps a block. int4
+//   symmetric: 3.30x cuBLAS at K=8192 N=28672, 2.82x at K=4096 N=11008, 2.83x at K=11008
+//   N=4096, 2.54x at 4096x4096 (tools/bench/woq_lab, 2026-11-26). A warp owning its rows over
+//   the whole K (two loads per row in flight) reached 3.13x / 2.66x / 2.52x / 2.36x; the time it
+//   lost is latency, not bandwidth: a kernel of the same loads without the arithmetic runs at
+//   3.5-4.1x. Split over 3 or 4 warps, 3 or 4 rows a warp, prefetching the next chunk, more
+//   resident blocks, and tensor cores with one LOP3 per code pair did not beat it.
 // * 2 <= M <= 4, tensor cores (sm_80+, bf16/fp16 x): at M = 4 the SIMT design falls to
 //   0.7-1.8x cuBLAS (x is re-read per row and FMAs grow with M), while mma.m16n8k16 with 16
 //   weight rows as A and the x rows as B columns costs the same at M = 4 as at M = 1. A block
@@ -21,7 +25,8 @@
 // The tensor-core design needs a k-block (64 code bytes per row: 128 int4 / 64 int8 codes)
 // inside one group, since one mma sums over the whole k-block before the scale is applied;
 // smaller groups, float32 x, GPUs before sm_80 and HIP take the SIMT design with 4 rows per
-// warp, the best SIMT variant at M = 4 (int4: 1.58-1.76x cuBLAS vs 1.26-1.29x for 2 rows).
+// warp and K unsplit, the best SIMT variant at M = 4 (int4: 1.58-1.76x cuBLAS vs 1.26-1.29x
+// for 2 rows).
 #include <type_traits>
 
 #include "dtypes.h"
@@ -64,14 +69,17 @@ struct WoqArgs {
   int n, k, group_shift;       // group = 1 << group_shift
 };
 
-// SIMT design: a block is kSimtWarps warps of R rows each. Lane l of a warp takes 16-byte
-// chunks l, l + 32, ... of each row (a chunk lies in one group: groups are >= 32 codes); the
-// x word of a chunk is converted once and used for all R rows.
-template <typename T, int BITS, bool SYM, int M, int R, int UNROLL>
+// SIMT design: a block is kSimtWarps warps; KS consecutive warps share R rows and split K.
+// Lane l of warp part p takes 16-byte chunks 32 p + l, 32 (KS + p) + l, ... of each row (a
+// chunk lies in one group: groups are >= 32 codes); the x word of a chunk is converted once and
+// used for all R rows.
+template <typename T, int BITS, bool SYM, int M, int R, int KS>
 __global__ void DS_WOQ_BOUNDS(kSimtWarps * 32) woq_gemv_simt(WoqArgs<T> a) {
+  static_assert(kSimtWarps % KS == 0, "the K split must divide the block's warps");
   constexpr int kCodesPerLane = BITS == 4 ? 32 : 16;
-  const int lane = threadIdx.x & 31;
-  const int row0 = (blockIdx.x * kSimtWarps + (threadIdx.x >> 5)) * R;
+  constexpr int kStride = 32 * KS;  // chunks between a lane's consecutive chunks
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, part = warp % KS;
+  const int row0 = (blockIdx.x * (kSimtWarps / KS) + warp / KS) * R;
   const std::size_t row_bytes = static_cast<std::size_t>(a.k) * BITS / 8;
   const int groups = a.k >> a.group_shift, chunks = a.k / kCodesPerLane;
 
@@ -84,80 +92,89 @@ __global__ void DS_WOQ_BOUNDS(kSimtWarps * 32) woq_gemv_simt(WoqArgs<T> a) {
   }
   float acc[R][M] = {};
 
-  for (int c0 = lane; c0 < chunks; c0 += 32 * UNROLL) {
-    uint4 w[UNROLL][R];
-    float sc[UNROLL][R], of[UNROLL][R];
+  for (int c = 32 * part + lane; c < chunks; c += kStride) {
+    uint4 w[R];
+    float sc[R], of[R];
+    const int grp = (c * kCodesPerLane) >> a.group_shift;
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {  // every load of the step before any math
-      const int c = c0 + 32 * u;
-      if (c < chunks) {
-        const int grp = (c * kCodesPerLane) >> a.group_shift;
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          w[u][r] = load_codes(wrow[r] + static_cast<std::size_t>(c) * 16);
-          sc[u][r] = __ldg(a.scales + static_cast<std::size_t>(rown[r]) * groups + grp);
-          if (!SYM) of[u][r] = __ldg(a.offsets + static_cast<std::size_t>(rown[r]) * groups + grp);
-        }
-      }
+    for (int r = 0; r < R; ++r) {  // every load of the chunk before any math
+      w[r] = load_codes(wrow[r] + static_cast<std::size_t>(c) * 16);
+      sc[r] = __ldg(a.scales + static_cast<std::size_t>(rown[r]) * groups + grp);
+      if (!SYM) of[r] = __ldg(a.offsets + static_cast<std::size_t>(rown[r]) * groups + grp);
     }
+    float dot[R][M] = {};
+    float xs[M] = {};
+    const T* xc = a.x + static_cast<std::size_t>(c) * kCodesPerLane;
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int c = c0 + 32 * u;
-      if (c >= chunks) continue;
-      float dot[R][M] = {};
-      float xs[M] = {};
-      const T* xc = a.x + static_cast<std::size_t>(c) * kCodesPerLane;
+    for (int step = 0; step < kCodesPerLane / 8; ++step) {  // 8 codes (one x vector) a step
+      float wf[R][8];
 #pragma unroll
-      for (int step = 0; step < kCodesPerLane / 8; ++step) {  // 8 codes (one x vector) a step
-        float wf[R][8];
+      for (int r = 0; r < R; ++r) {
+        const std::uint32_t* words = reinterpret_cast<const std::uint32_t*>(&w[r]);
+        if constexpr (BITS == 4) {
+          int4_floats<SYM>(words[step], wf[r]);
+        } else {
+          float lo[4], hi[4];
+          int8_floats<SYM>(words[2 * step], lo);
+          int8_floats<SYM>(words[2 * step + 1], hi);
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const std::uint32_t* words = reinterpret_cast<const std::uint32_t*>(&w[u][r]);
-          if constexpr (BITS == 4) {
-            int4_floats<SYM>(words[step], wf[r]);
-          } else {
-            float lo[4], hi[4];
-            int8_floats<SYM>(words[2 * step], lo);
-            int8_floats<SYM>(words[2 * step + 1], hi);
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              wf[r][j] = lo[j];
-              wf[r][4 + j] = hi[j];
-            }
+          for (int j = 0; j < 4; ++j) {
+            wf[r][j] = lo[j];
+            wf[r][4 + j] = hi[j];
           }
-        }
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          const Vec<T, 8> xv = load_vec_nc<8>(xc + static_cast<std::size_t>(m) * a.k + 8 * step);
-          float xf[8];
-#pragma unroll
-          for (int j = 0; j < 8; ++j) xf[j] = to_float(xv.v[j]);
-          if (!SYM) {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) xs[m] += xf[j];
-          }
-#pragma unroll
-          for (int r = 0; r < R; ++r)
-#pragma unroll
-            for (int j = 0; j < 8; ++j) dot[r][m] = fmaf(wf[r][j], xf[j], dot[r][m]);
         }
       }
 #pragma unroll
-      for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) {
+        const Vec<T, 8> xv = load_vec_nc<8>(xc + static_cast<std::size_t>(m) * a.k + 8 * step);
+        float xf[8];
 #pragma unroll
-        for (int m = 0; m < M; ++m) {
-          acc[r][m] = fmaf(sc[u][r], dot[r][m], acc[r][m]);
-          if (!SYM) acc[r][m] = fmaf(of[u][r], xs[m], acc[r][m]);
+        for (int j = 0; j < 8; ++j) xf[j] = to_float(xv.v[j]);
+        if (!SYM) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) xs[m] += xf[j];
         }
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) dot[r][m] = fmaf(wf[r][j], xf[j], dot[r][m]);
+      }
     }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        acc[r][m] = fmaf(sc[r], dot[r][m], acc[r][m]);
+        if (!SYM) acc[r][m] = fmaf(of[r], xs[m], acc[r][m]);
+      }
   }
 
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
+    for (int m = 0; m < M; ++m) acc[r][m] = warp_sum<32>(acc[r][m]);
+  if constexpr (KS > 1) {  // the parts of a row group meet in shared memory
+    __shared__ float partial[kSimtWarps][R * M];
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < M; ++m) partial[warp][r * M + m] = acc[r][m];
+    }
+    __syncthreads();
+    if (part != 0) return;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int p = 1; p < KS; ++p) acc[r][m] += partial[warp + p][r * M + m];
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
     for (int m = 0; m < M; ++m) {
-      const float total = warp_sum<32>(acc[r][m]);
-      if (lane == r * M + m && row0 + r < a.n) a.y[static_cast<std::size_t>(m) * a.n + row0 + r] = from_float<T>(total);
+      if (lane == r * M + m && row0 + r < a.n) a.y[static_cast<std::size_t>(m) * a.n + row0 + r] = from_float<T>(acc[r][m]);
     }
 }
 
@@ -306,10 +323,10 @@ const char* launch_rows(const WoqArgs<T>& args, bool tensor_cores, ds_stream_t s
   }
 #endif
   (void)tensor_cores;
-  constexpr int kRows = M == 1 ? 2 : 4;    // rows per warp
-  constexpr int kUnroll = M == 1 ? 2 : 1;  // 16-byte loads per row in flight
-  constexpr int kBlockRows = kRows * kSimtWarps;
-  woq_gemv_simt<T, BITS, SYM, M, kRows, kUnroll>
+  constexpr int kRows = M == 1 ? 2 : 4;   // rows per warp
+  constexpr int kSplit = M == 1 ? 2 : 1;  // warps splitting a row's K
+  constexpr int kBlockRows = kRows * kSimtWarps / kSplit;
+  woq_gemv_simt<T, BITS, SYM, M, kRows, kSplit>
       <<<(args.n + kBlockRows - 1) / kBlockRows, kSimtWarps * 32, 0, stream>>>(args);
   DS_RETURN_LAUNCH_STATUS();
 }
