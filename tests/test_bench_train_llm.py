@@ -74,6 +74,13 @@ def run_suite(out: Path, *options: str) -> dict:
     return json.loads((out / "train_llm.json").read_text())
 
 
+def failure_report(out: Path, record: dict) -> str:
+    """A failed run's error and the end of its log, which the record's repr would cut short."""
+    log = out / record["log"] if record.get("log") else None
+    tail = log.read_text()[-3000:] if log is not None and log.exists() else "(no log)"
+    return f"{record['mode']} on {record['gpus']} ranks: {record.get('error')}\n{tail}"
+
+
 @pytest.mark.slow
 def test_every_ds_mode_trains_on_one_and_two_ranks(tmp_path: Path) -> None:
     result = run_suite(
@@ -94,7 +101,7 @@ def test_every_ds_mode_trains_on_one_and_two_ranks(tmp_path: Path) -> None:
     records = result["records"]
     assert [(r["gpus"], r["mode"]) for r in records] == [(g, m) for g in (1, 2) for m in DS_MODES]  # DeepSpeed skipped
     for r in records:
-        assert r["status"] == "ok", r
+        assert r["status"] == "ok", failure_report(tmp_path / "out", r)
         assert RUN_FIELDS <= r.keys()
         assert r["tokens_per_s_per_gpu"] > 0 and math.isfinite(r["final_loss"])
         assert r["host_peak_gib"] > 0.05 * r["gpus"] and r["host_ram_gib"] > r["host_peak_gib"] / r["gpus"]
