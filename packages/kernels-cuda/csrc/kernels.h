@@ -100,7 +100,7 @@ const char* bias_gelu_backward(Ptr dy, Ptr x, Ptr bias, Ptr dx, Ptr dbias_partia
                                std::int64_t rows, std::int64_t hidden, int num_partials,
                                bool tanh_approx, int dtype, std::uintptr_t stream);
 
-// ---- mixture of experts (moe.cu) -------------------------------------------------------
+// ---- mixture of experts (moe.cu: gating, moe_rows.cu: rows) -----------------------------
 // Index tensors are int32 [tokens, k] (k choices per token); a choice is kept when its expert
 // is in [0, experts) and its position in [0, capacity); buffer row = expert * capacity + position.
 constexpr int kMoeMaxExperts = 256;

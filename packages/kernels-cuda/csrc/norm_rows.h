@@ -1,5 +1,5 @@
-// What the norm kernels (norms.cu) hold and reduce per row: a thread's vectors of the row,
-// and the row statistics its threads merge with group_merge (reduce.h).
+// What the norm kernels (norms.cu, norm_backward.cu) hold and reduce per row: a thread's
+// vectors of the row, and the row statistics its threads merge with group_merge (reduce.h).
 #pragma once
 
 #include "dtypes.h"

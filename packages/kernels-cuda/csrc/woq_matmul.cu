@@ -9,12 +9,13 @@
 // * M = 1, SIMT: two warps of a block share 2 rows and split K between them (chunk c to warp
 //   c / 32 % 2), lanes stride K with 16-byte code loads (32 int4 / 16 int8 codes), fp32 FMAs,
 //   one warp-shuffle reduction and one exchange in shared memory; 4 warps a block. int4
-//   symmetric: 3.30x cuBLAS at K=8192 N=28672, 2.82x at K=4096 N=11008, 2.83x at K=11008
-//   N=4096, 2.54x at 4096x4096 (tools/bench/woq_lab, 2026-11-26). A warp owning its rows over
-//   the whole K (two loads per row in flight) reached 3.13x / 2.66x / 2.52x / 2.36x; the time it
-//   lost is latency, not bandwidth: a kernel of the same loads without the arithmetic runs at
-//   3.5-4.1x. Split over 3 or 4 warps, 3 or 4 rows a warp, prefetching the next chunk, more
-//   resident blocks, and tensor cores with one LOP3 per code pair did not beat it.
+//   symmetric: 3.41x cuBLAS at K=8192 N=28672, 2.83x at K=4096 N=11008, 2.84x at K=11008
+//   N=4096, 2.52x at 4096x4096 (int8: 2.06x / 1.97x / 2.06x / 2.03x). A warp owning its rows
+//   over the whole K, two loads per row in flight, ran 3.13x / 2.58x / 2.53x / 2.37x: the time
+//   it lost is latency, not bandwidth, since the same loads without the arithmetic run at
+//   3.5-4.1x. tools/bench/woq_lab.cu keeps that read floor and the variants that lost: 3 or 4
+//   warps splitting K, 3 or 4 rows a warp, the next chunk prefetched, more resident blocks,
+//   codes converted in the fp32 mantissa, tensor cores with one LOP3 per code pair.
 // * 2 <= M <= 4, tensor cores (sm_80+, bf16/fp16 x): at M = 4 the SIMT design falls to
 //   0.7-1.8x cuBLAS (x is re-read per row and FMAs grow with M), while mma.m16n8k16 with 16
 //   weight rows as A and the x rows as B columns costs the same at M = 4 as at M = 1. A block

@@ -1,4 +1,4 @@
-"""The MoE routing kernels (csrc/moe.cu) against their torch references, on a GPU.
+"""The MoE routing kernels (csrc/moe.cu, moe_rows.cu) against their torch references, on a GPU.
 
 Routing decisions must match exactly: expert indices, positions and counts are integers,
 and top-k ranks float32 logits (a low-precision logit converts exactly), ties going to the

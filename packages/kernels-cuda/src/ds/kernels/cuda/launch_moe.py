@@ -1,4 +1,4 @@
-"""Mixture-of-experts gating and token permutation on the kernels of csrc/moe.cu.
+"""Mixture-of-experts gating and token permutation on the kernels of csrc/moe.cu and moe_rows.cu.
 
 Calls the kernels do not cover (too many experts or choices, other index dtypes are
 converted; float64, CPU tensors, mixed devices and empty inputs) run the references of

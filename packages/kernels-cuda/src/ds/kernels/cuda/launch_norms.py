@@ -1,4 +1,5 @@
-"""RMSNorm and LayerNorm, forward and backward, on the fused kernels of csrc/norms.cu."""
+"""RMSNorm and LayerNorm, forward and backward, on the fused kernels of csrc/norms.cu and
+csrc/norm_backward.cu."""
 
 from __future__ import annotations
 

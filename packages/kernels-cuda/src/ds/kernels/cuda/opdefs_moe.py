@@ -4,7 +4,7 @@ A mixture-of-experts layer routes every token to ``k`` of ``E`` experts, and eac
 works on a fixed-size buffer of ``capacity`` rows (static shapes: no host sync, and the
 expert matmuls can be batched). These ops are the memory-bound glue around the expert
 matmuls; the plugin declares them through ``ds_define_kernel_ops`` so that
-``torch.ops.ds.<name>`` runs them everywhere, the CUDA kernels of csrc/moe.cu on GPUs.
+``torch.ops.ds.<name>`` runs them everywhere, the CUDA kernels of csrc/moe.cu and moe_rows.cu on GPUs.
 
 * ``topk_gating(logits[T, E], k, capacity, normalize) -> (expert_index, gate_weight,
   position_in_expert, expert_counts, mean_prob)``. The k experts with the largest logits,
