@@ -22,6 +22,15 @@ __device__ __forceinline__ std::uint32_t fma2_bf16(std::uint32_t a, std::uint32_
   return d;
 }
 
+
+// (a & b) ^ c in one LOP3 with every operand a register: given two immediates, ptxas splits
+// it into two LOP3s (an instruction takes one immediate).
+__device__ __forceinline__ std::uint32_t and_xor(std::uint32_t a, std::uint32_t b, std::uint32_t c) {
+  std::uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0x6A;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
 // CONV 0: the shipping conversion (bf16 magic pairs, unpacked to fp32, one FFMA per code).
 // CONV 1: fp32 mantissa magic (code in the mantissa of 1.0 at two positions, two accumulators).
 // CONV 2: no math (XOR of the words): the read floor of the same access pattern.
@@ -76,6 +85,27 @@ struct Conv<2> {
   };
   __device__ __forceinline__ static void word(std::uint32_t q, const float (&)[8], Acc& a) { a.v ^= q; }
   __device__ __forceinline__ static float finish(const Acc& a, float) { return __uint_as_float(a.v & 0x3FFFFFFFu); }
+  static constexpr bool kNeedsCorr = false;
+};
+
+
+template <>
+struct Conv<3> {  // CONV 0 with one LOP3 a pair
+  struct Acc {
+    float d = 0.f;
+  };
+  __device__ __forceinline__ static void word(std::uint32_t q, const float (&x)[8], Acc& a) {
+    float f[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const std::uint32_t p = fma2_bf16(and_xor(q >> (4 * j), 0x000F000Fu, 0x43084308u), 0x3F803F80u, 0xC308C308u);
+      f[j] = __uint_as_float(p << 16);
+      f[j + 4] = __uint_as_float(p & 0xFFFF0000u);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) a.d = fmaf(f[j], x[j], a.d);
+  }
+  __device__ __forceinline__ static float finish(const Acc& a, float) { return a.d; }
   static constexpr bool kNeedsCorr = false;
 };
 
@@ -254,8 +284,8 @@ __global__ void __launch_bounds__(W * 32, MINB) gemv_tc(Args a) {
       for (int word = 0; word < 4; ++word)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const std::uint32_t eg = ((wg[word] >> (4 * j)) & 0x000F000Fu) ^ 0x43084308u;
-          const std::uint32_t eh = ((wh[word] >> (4 * j)) & 0x000F000Fu) ^ 0x43084308u;
+          const std::uint32_t eg = and_xor(wg[word] >> (4 * j), 0x000F000Fu, 0x43084308u);
+          const std::uint32_t eh = and_xor(wh[word] >> (4 * j), 0x000F000Fu, 0x43084308u);
           pg[4 * word + j] = MAGIC ? eg : fma2_bf16(eg, 0x3F803F80u, 0xC308C308u);
           ph[4 * word + j] = MAGIC ? eh : fma2_bf16(eh, 0x3F803F80u, 0xC308C308u);
         }
@@ -294,7 +324,7 @@ __global__ void __launch_bounds__(W * 32, MINB) gemv_tc(Args a) {
 }
 
 // K split over KS warps of a block (interleaved chunks), partial sums met in shared memory.
-template <int R, int U, int WARPS, int KS, int MINB, bool PIPE>
+template <int R, int U, int WARPS, int KS, int MINB, bool PIPE, int CONV>
 __global__ void __launch_bounds__(WARPS * 32, MINB) gemv_ks(Args a) {
   constexpr int kGroups = WARPS / KS;
   const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5, rg = wib / KS, ks = wib % KS;
@@ -316,11 +346,11 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) gemv_ks(Args a) {
     if constexpr (PIPE) {
       Stage<R, U> next;
       load_stage(next, a, wrow, rown, c0 + kStride * U, chunks, groups, kStride);
-      compute_stage<R, U, 0>(cur, a, c0, chunks, acc, kStride);
+      compute_stage<R, U, CONV>(cur, a, c0, chunks, acc, kStride);
       cur = next;
     } else {
       load_stage(cur, a, wrow, rown, c0, chunks, groups, kStride);
-      compute_stage<R, U, 0>(cur, a, c0, chunks, acc, kStride);
+      compute_stage<R, U, CONV>(cur, a, c0, chunks, acc, kStride);
     }
   }
   __shared__ float partial[WARPS][R];
@@ -341,10 +371,10 @@ __global__ void __launch_bounds__(WARPS * 32, MINB) gemv_ks(Args a) {
   }
 }
 
-template <int R, int U, int WARPS, int KS, int MINB, bool PIPE = false>
+template <int R, int U, int WARPS, int KS, int MINB, bool PIPE = false, int CONV = 0>
 void launch_ks(const Args& a, cudaStream_t s) {
   const int rows = WARPS / KS * R;
-  gemv_ks<R, U, WARPS, KS, MINB, PIPE><<<(a.n + rows - 1) / rows, WARPS * 32, 0, s>>>(a);
+  gemv_ks<R, U, WARPS, KS, MINB, PIPE, CONV><<<(a.n + rows - 1) / rows, WARPS * 32, 0, s>>>(a);
 }
 
 __global__ void empty_kernel(Args) {}
@@ -373,26 +403,28 @@ struct Variant {
 // Names: R rows a warp, U chunks a row in flight, "pipe" loads the next chunks before the math
 // of these, ksN splits K over N warps of a block (wW warps a block, bB resident blocks asked
 // for), "f32" turns codes into floats in the fp32 mantissa, "tc" runs mma.m16n8k16 (W warps
-// a block splitting K; "magic" feeds the codes as 136 + v with one LOP3 a pair).
+// a block splitting K; "magic" feeds the codes as 136 + v with one LOP3 a pair), "lop3" makes
+// each code pair's mask-and-magic one LOP3 with register operands (ptxas splits two immediates).
 const Variant kVariants[] = {
     {"empty kernel", launch_empty},
     {"read floor R2 U2", launch<2, 2, false, 2, 4, 4>},
     {"R2 U2 (shipped to 2026-11-26)", launch<2, 2, false, 0, 4, 4>},
-    {"ks2 R2 U1 (shipped)", launch_ks<2, 1, 4, 2, 7>},
+    {"ks2 R2 U1", launch_ks<2, 1, 4, 2, 7>},
+    {"ks2 R2 U1 lop3 (shipped)", launch_ks<2, 1, 4, 2, 7, false, 3>},
     {"R2 U2 pipe", launch<2, 2, true, 0, 4, 4>},
     {"R2 U4", launch<2, 4, false, 0, 4, 4>},
     {"R4 U2 pipe", launch<4, 2, true, 0, 4, 4>},
     {"R2 U2 pipe, 8 blocks", launch<2, 2, true, 0, 4, 8>},
     {"f32 R2 U2", launch<2, 2, false, 1, 4, 4>},
     {"f32 R4 U2 pipe", launch<4, 2, true, 1, 4, 4>},
-    {"ks2 R2 U1 pipe", launch_ks<2, 1, 4, 2, 7, true>},
-    {"ks2 R3 U1 pipe", launch_ks<3, 1, 4, 2, 5, true>},
-    {"ks2 R4 U1 pipe", launch_ks<4, 1, 4, 2, 4, true>},
+    {"ks2 R2 U1 pipe lop3", launch_ks<2, 1, 4, 2, 7, true, 3>},
+    {"ks2 R3 U1 pipe lop3", launch_ks<3, 1, 4, 2, 5, true, 3>},
+    {"ks2 R4 U1 pipe lop3", launch_ks<4, 1, 4, 2, 4, true, 3>},
     {"ks3 R2 U1 w6", launch_ks<2, 1, 6, 3, 4>},
     {"ks4 R2 U1 w8", launch_ks<2, 1, 8, 4, 3>},
-    {"tc W8 U4", launch_tc<8, 4, false, 2>},
-    {"tc magic W8 U2", launch_tc<8, 2, true, 2>},
-    {"tc magic W4 U4, 4 blocks", launch_tc<4, 4, true, 4>},
+    {"tc W8 U4 lop3", launch_tc<8, 4, false, 2>},
+    {"tc magic W8 U2 lop3", launch_tc<8, 2, true, 2>},
+    {"tc magic W4 U4 lop3, 4 blocks", launch_tc<4, 4, true, 4>},
 };
 
 }  // namespace

@@ -98,6 +98,18 @@ struct Half16 : Half16Codes<T> {
   }
 };
 
+// (a & b) ^ c as one LOP3. Written with two constants, ptxas emits two LOP3s (an instruction
+// takes one immediate); as operands here they live in registers set once outside the loops.
+// Measured on an H100 (tools/bench/woq_lab.cu, "lop3"): 7% fewer instructions in the M = 1
+// kernel, 2-7% faster.
+__device__ __forceinline__ std::uint32_t and_xor(std::uint32_t a, std::uint32_t b, std::uint32_t c) {
+  std::uint32_t d = 0;
+#if defined(__CUDA_ARCH__)
+  asm("lop3.b32 %0, %1, %2, %3, 0x6A;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+#endif
+  return d;
+}
+
 // Eight int4 codes of a word -> four exact pairs (code j, code j + 4), j = 0..3: pairing j
 // with j + 4 makes each pair one shift and one LOP3 before the FMA.
 template <typename H, bool SYM>
@@ -105,7 +117,7 @@ __device__ __forceinline__ void int4_pairs(std::uint32_t q, std::uint32_t (&p)[4
   constexpr std::uint32_t kMagic = SYM ? H::kMagicSym : H::kMagicAsym;
   constexpr std::uint32_t kBias = SYM ? H::kBiasSym : H::kBiasAsym;
 #pragma unroll
-  for (int j = 0; j < 4; ++j) p[j] = H::fma2(((q >> (4 * j)) & 0x000F000Fu) ^ kMagic, H::kOne, kBias);
+  for (int j = 0; j < 4; ++j) p[j] = H::fma2(and_xor(q >> (4 * j), 0x000F000Fu, kMagic), H::kOne, kBias);
 }
 #endif  // !DS_KERNELS_HIP
 
