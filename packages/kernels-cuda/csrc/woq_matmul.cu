@@ -9,8 +9,8 @@
 // * M = 1, SIMT: two warps of a block share 2 rows and split K between them (chunk c to warp
 //   c / 32 % 2), lanes stride K with 16-byte code loads (32 int4 / 16 int8 codes), fp32 FMAs,
 //   one warp-shuffle reduction and one exchange in shared memory; 4 warps a block. int4
-//   symmetric: 3.41x cuBLAS at K=8192 N=28672, 2.83x at K=4096 N=11008, 2.84x at K=11008
-//   N=4096, 2.52x at 4096x4096 (int8: 2.06x / 1.97x / 2.06x / 2.03x). A warp owning its rows
+//   symmetric: 3.52x cuBLAS at K=8192 N=28672, 2.79x at K=4096 N=11008, 2.97x at K=11008
+//   N=4096, 2.65x at 4096x4096 (int8: 2.07x / 1.88x / 2.06x / 2.04x). A warp owning its rows
 //   over the whole K, two loads per row in flight, ran 3.13x / 2.58x / 2.53x / 2.37x: the time
 //   it lost is latency, not bandwidth, since the same loads without the arithmetic run at
 //   3.5-4.1x. tools/bench/woq_lab.cu keeps that read floor and the variants that lost: 3 or 4
