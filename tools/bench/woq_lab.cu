@@ -31,14 +31,16 @@ __device__ __forceinline__ std::uint32_t and_xor(std::uint32_t a, std::uint32_t 
   return d;
 }
 
-// CONV 0: the shipping conversion (bf16 magic pairs, unpacked to fp32, one FFMA per code).
-// CONV 1: fp32 mantissa magic (code in the mantissa of 1.0 at two positions, two accumulators).
+// CONV 0 and 3: below. CONV 1: fp32 mantissa magic (code in the mantissa of 1.0 at two positions, two accumulators).
 // CONV 2: no math (XOR of the words): the read floor of the same access pattern.
 template <int CONV>
 struct Conv;
 
-template <>
-struct Conv<0> {
+// CONV 0 and 3: bf16 magic pairs made exact by a paired FMA, unpacked to fp32, one FFMA a
+// code; the pair's mask and magic take two LOP3s (two immediates, CONV 0, as ptxas emits the
+// plain expression) or one (register operands, CONV 3).
+template <bool kOneLop3>
+struct Bf16Pairs {
   struct Acc {
     float d = 0.f;
   };
@@ -46,7 +48,9 @@ struct Conv<0> {
     float f[8];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const std::uint32_t p = fma2_bf16(((q >> (4 * j)) & 0x000F000Fu) ^ 0x43084308u, 0x3F803F80u, 0xC308C308u);
+      const std::uint32_t e = kOneLop3 ? and_xor(q >> (4 * j), 0x000F000Fu, 0x43084308u)
+                                       : ((q >> (4 * j)) & 0x000F000Fu) ^ 0x43084308u;
+      const std::uint32_t p = fma2_bf16(e, 0x3F803F80u, 0xC308C308u);
       f[j] = __uint_as_float(p << 16);
       f[j + 4] = __uint_as_float(p & 0xFFFF0000u);
     }
@@ -56,6 +60,12 @@ struct Conv<0> {
   __device__ __forceinline__ static float finish(const Acc& a, float) { return a.d; }
   static constexpr bool kNeedsCorr = false;
 };
+
+template <>
+struct Conv<0> : Bf16Pairs<false> {};
+
+template <>
+struct Conv<3> : Bf16Pairs<true> {};
 
 template <>
 struct Conv<1> {
@@ -88,26 +98,6 @@ struct Conv<2> {
   static constexpr bool kNeedsCorr = false;
 };
 
-
-template <>
-struct Conv<3> {  // CONV 0 with one LOP3 a pair
-  struct Acc {
-    float d = 0.f;
-  };
-  __device__ __forceinline__ static void word(std::uint32_t q, const float (&x)[8], Acc& a) {
-    float f[8];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const std::uint32_t p = fma2_bf16(and_xor(q >> (4 * j), 0x000F000Fu, 0x43084308u), 0x3F803F80u, 0xC308C308u);
-      f[j] = __uint_as_float(p << 16);
-      f[j + 4] = __uint_as_float(p & 0xFFFF0000u);
-    }
-#pragma unroll
-    for (int j = 0; j < 8; ++j) a.d = fmaf(f[j], x[j], a.d);
-  }
-  __device__ __forceinline__ static float finish(const Acc& a, float) { return a.d; }
-  static constexpr bool kNeedsCorr = false;
-};
 
 struct Args {
   const std::uint16_t* x;
@@ -186,43 +176,6 @@ __device__ __forceinline__ std::uint16_t to_bf16(float v) {
   return static_cast<std::uint16_t>(u >> 16);
 }
 
-template <int R, int U, bool PIPE, int CONV, int WARPS, int MINB>
-__global__ void __launch_bounds__(WARPS * 32, MINB) gemv(Args a) {
-  const int lane = threadIdx.x & 31;
-  const int row0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * R;
-  const std::size_t row_bytes = static_cast<std::size_t>(a.k) / 2;
-  const int groups = a.k >> 7, chunks = a.k >> 5;
-  const std::uint8_t* wrow[R];
-  int rown[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    rown[r] = min(row0 + r, a.n - 1);
-    wrow[r] = a.codes + rown[r] * row_bytes;
-  }
-  float acc[R] = {};
-  Stage<R, U> cur;
-  load_stage(cur, a, wrow, rown, lane, chunks, groups);
-  for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
-    if constexpr (PIPE) {
-      Stage<R, U> next;
-      load_stage(next, a, wrow, rown, c0 + 32 * U, chunks, groups);
-      compute_stage<R, U, CONV>(cur, a, c0, chunks, acc);
-      cur = next;
-    } else {
-      compute_stage<R, U, CONV>(cur, a, c0, chunks, acc);
-      load_stage(cur, a, wrow, rown, c0 + 32 * U, chunks, groups);
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    float v = acc[r];
-#pragma unroll
-    for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
-    if (lane == r && row0 + r < a.n) a.y[row0 + r] = to_bf16(v);
-  }
-}
-
-
 __device__ __forceinline__ void mma_bf16(float (&d)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
                                          std::uint32_t a3, std::uint32_t b0, std::uint32_t b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -231,6 +184,9 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], std::uint32_t a0, std::u
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// Tensor-core M=1: a block owns 16 rows, W warps split its k-blocks (128 codes, 64 bytes a row).
+// MAGIC: codes enter the mma as 136 + v (one LOP3 a pair), the 136 * sum(x) taken off per
+// k-block with one more set of mmas (A = 1); otherwise one paired bf16 FMA a pair makes v exact.
 // Tensor-core M=1: a block owns 16 rows, W warps split its k-blocks (128 codes, 64 bytes a row).
 // MAGIC: codes enter the mma as 136 + v (one LOP3 a pair), the 136 * sum(x) taken off per
 // k-block with one more set of mmas (A = 1); otherwise one paired bf16 FMA a pair makes v exact.
@@ -323,7 +279,9 @@ __global__ void __launch_bounds__(W * 32, MINB) gemv_tc(Args a) {
   }
 }
 
-// K split over KS warps of a block (interleaved chunks), partial sums met in shared memory.
+// SIMT M=1: R rows a warp, K split over KS warps of a block (interleaved chunks; KS = 1: a warp
+// owns its rows), partial sums met in shared memory; U chunks a row in flight, PIPE loads the
+// next ones before the math of these.
 template <int R, int U, int WARPS, int KS, int MINB, bool PIPE, int CONV>
 __global__ void __launch_bounds__(WARPS * 32, MINB) gemv_ks(Args a) {
   constexpr int kGroups = WARPS / KS;
@@ -381,13 +339,6 @@ __global__ void empty_kernel(Args) {}
 
 using Launch = void (*)(const Args&, cudaStream_t);
 
-template <int R, int U, bool PIPE, int CONV, int WARPS, int MINB>
-void launch(const Args& a, cudaStream_t s) {
-  const int rows = WARPS * R;
-  gemv<R, U, PIPE, CONV, WARPS, MINB><<<(a.n + rows - 1) / rows, WARPS * 32, 0, s>>>(a);
-}
-
-
 template <int W, int U, bool MAGIC, int MINB>
 void launch_tc(const Args& a, cudaStream_t s) {
   gemv_tc<W, U, MAGIC, MINB><<<(a.n + 15) / 16, W * 32, 0, s>>>(a);
@@ -407,16 +358,16 @@ struct Variant {
 // each code pair's mask-and-magic one LOP3 with register operands (ptxas splits two immediates).
 const Variant kVariants[] = {
     {"empty kernel", launch_empty},
-    {"read floor R2 U2", launch<2, 2, false, 2, 4, 4>},
-    {"R2 U2 (shipped to 2026-11-26)", launch<2, 2, false, 0, 4, 4>},
+    {"read floor R2 U2", launch_ks<2, 2, 4, 1, 4, false, 2>},
+    {"R2 U2 (shipped to 2026-11-26)", launch_ks<2, 2, 4, 1, 4, false, 0>},
     {"ks2 R2 U1", launch_ks<2, 1, 4, 2, 7>},
     {"ks2 R2 U1 lop3 (shipped)", launch_ks<2, 1, 4, 2, 7, false, 3>},
-    {"R2 U2 pipe", launch<2, 2, true, 0, 4, 4>},
-    {"R2 U4", launch<2, 4, false, 0, 4, 4>},
-    {"R4 U2 pipe", launch<4, 2, true, 0, 4, 4>},
-    {"R2 U2 pipe, 8 blocks", launch<2, 2, true, 0, 4, 8>},
-    {"f32 R2 U2", launch<2, 2, false, 1, 4, 4>},
-    {"f32 R4 U2 pipe", launch<4, 2, true, 1, 4, 4>},
+    {"R2 U2 pipe", launch_ks<2, 2, 4, 1, 4, true, 0>},
+    {"R2 U4", launch_ks<2, 4, 4, 1, 4, false, 0>},
+    {"R4 U2 pipe", launch_ks<4, 2, 4, 1, 4, true, 0>},
+    {"R2 U2 pipe, 8 blocks", launch_ks<2, 2, 4, 1, 8, true, 0>},
+    {"f32 R2 U2", launch_ks<2, 2, 4, 1, 4, false, 1>},
+    {"f32 R4 U2 pipe", launch_ks<4, 2, 4, 1, 4, true, 1>},
     {"ks2 R2 U1 pipe lop3", launch_ks<2, 1, 4, 2, 7, true, 3>},
     {"ks2 R3 U1 pipe lop3", launch_ks<3, 1, 4, 2, 5, true, 3>},
     {"ks2 R4 U1 pipe lop3", launch_ks<4, 1, 4, 2, 4, true, 3>},
