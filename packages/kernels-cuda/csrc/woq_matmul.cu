@@ -11,11 +11,11 @@
 //   one warp-shuffle reduction and one exchange in shared memory; 4 warps a block. int4
 //   symmetric: 3.52x cuBLAS at K=8192 N=28672, 2.79x at K=4096 N=11008, 2.97x at K=11008
 //   N=4096, 2.65x at 4096x4096 (int8: 2.07x / 1.88x / 2.06x / 2.04x). A warp owning its rows
-//   over the whole K, two loads per row in flight, ran 3.13x / 2.58x / 2.53x / 2.37x: the time
-//   it lost is latency, not bandwidth, since the same loads without the arithmetic run at
-//   3.5-4.1x. tools/bench/woq_lab.cu keeps that read floor and the variants that lost: 3 or 4
-//   warps splitting K, 3 or 4 rows a warp, the next chunk prefetched, more resident blocks,
-//   codes converted in the fp32 mantissa, tensor cores with one LOP3 per code pair.
+//   over the whole K, two loads per row in flight, ran 3.13x / 2.58x / 2.53x / 2.37x. The time
+//   left is instruction issue and latency, not bandwidth: the same loads without the arithmetic
+//   run at 3.5-4.1x. tools/bench/woq_lab.cu keeps that read floor and the variants that lost:
+//   3 or 4 warps splitting K, 3 or 4 rows a warp, the next chunk prefetched, more resident
+//   blocks, codes converted in the fp32 mantissa, tensor cores with one LOP3 per code pair.
 // * 2 <= M <= 4, tensor cores (sm_80+, bf16/fp16 x): at M = 4 the SIMT design falls to
 //   0.7-1.8x cuBLAS (x is re-read per row and FMAs grow with M), while mma.m16n8k16 with 16
 //   weight rows as A and the x rows as B columns costs the same at M = 4 as at M = 1. A block
@@ -175,7 +175,9 @@ __global__ void DS_WOQ_BOUNDS(kSimtWarps * 32) woq_gemv_simt(WoqArgs<T> a) {
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      if (lane == r * M + m && row0 + r < a.n) a.y[static_cast<std::size_t>(m) * a.n + row0 + r] = from_float<T>(acc[r][m]);
+      if (lane == r * M + m && row0 + r < a.n) {
+        a.y[static_cast<std::size_t>(m) * a.n + row0 + r] = from_float<T>(acc[r][m]);
+      }
     }
 }
 
