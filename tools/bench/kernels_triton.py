@@ -139,6 +139,13 @@ def rotating(call: Callable[..., Any], operands: list[tuple[torch.Tensor, ...]])
     return lambda: call(*next(turn))
 
 
+def graphed_cold_ms(call: Callable[..., Any], copies: list[tuple[torch.Tensor, ...]], reps: int) -> float:
+    """GPU ms per ``call`` cycling through ``copies`` inside a CUDA graph of whole cycles (so
+    replays continue the cycle and every call reads a weight that is not in L2)."""
+    calls = math.ceil(GRAPH_CALLS / len(copies)) * len(copies)
+    return graph_time_ms(rotating(call, copies), reps, calls)
+
+
 def woq_row(m: int, k: int, n: int, reps: int) -> dict[str, Any]:
     """bf16 F.linear and int4/int8 (symmetric, groups of 128) woq_matmul of x [M, K] by a [N, K] weight."""
     from ds.kernels.cuda.triton_kernels.opdefs import quantize_weight
@@ -159,12 +166,11 @@ def woq_row(m: int, k: int, n: int, reps: int) -> dict[str, Any]:
         try:
             call(*operands)  # autotunes before any timing or capture
             copies = cold_copies(*operands)
-            cold, hot = rotating(call, copies), rotating(call, [operands])
-            calls = math.ceil(GRAPH_CALLS / len(copies)) * len(copies)  # whole cycles: replays continue the cycle
-            row["results"][label] = {"eager_ms": time_ms(cold, reps=reps), "graph_ms": graph_time_ms(cold, reps, calls),
-                                     "graph_l2_hot_ms": graph_time_ms(hot, reps), "weight_bytes": weight_bytes,
-                                     "weight_copies": len(copies)}
-            del copies, cold
+            row["results"][label] = {"eager_ms": time_ms(rotating(call, copies), reps=reps),
+                                     "graph_ms": graphed_cold_ms(call, copies, reps),
+                                     "graph_l2_hot_ms": graph_time_ms(rotating(call, [operands]), reps),
+                                     "weight_bytes": weight_bytes, "weight_copies": len(copies)}
+            del copies
         except Exception as exc:  # noqa: BLE001 - one failing variant must not hide the others
             row["results"][label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     print(row, flush=True)

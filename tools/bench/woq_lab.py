@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from kernels import environment  # noqa: E402
-from kernels_triton import GRAPH_CALLS, WOQ_SHAPES, cold_copies, graph_time_ms, rotating  # noqa: E402
+from kernels_triton import WOQ_SHAPES, cold_copies, graph_time_ms, graphed_cold_ms, rotating  # noqa: E402
 
 
 def build(folder: Path) -> ctypes.CDLL:
@@ -57,11 +56,9 @@ def build(folder: Path) -> ctypes.CDLL:
     return lib
 
 
-def timed(call: Any, operands: list[tuple[torch.Tensor, ...]], reps: int) -> tuple[float, float]:
+def timed(call: Any, operands: tuple[torch.Tensor, ...], reps: int) -> tuple[float, float]:
     """(cold, L2-hot) graphed ms per call, as kernels_triton.woq_row measures them."""
-    copies = cold_copies(*operands[0])
-    calls = math.ceil(GRAPH_CALLS / len(copies)) * len(copies)
-    return graph_time_ms(rotating(call, copies), reps, calls), graph_time_ms(rotating(call, operands), reps)
+    return graphed_cold_ms(call, cold_copies(*operands), reps), graph_time_ms(rotating(call, [operands]), reps)
 
 
 def shape_rows(lib: ctypes.CDLL, k: int, n: int, reps: int) -> dict[str, Any]:
@@ -73,7 +70,7 @@ def shape_rows(lib: ctypes.CDLL, k: int, n: int, reps: int) -> dict[str, Any]:
     codes, scales, _ = quantize_weight(weight, 4, 128, True)
     reference = woq_matmul(x.double(), codes, scales, None, 4, 128).view(-1)
     y = torch.empty(n, device="cuda", dtype=torch.bfloat16)
-    cold, hot = timed(lambda w: F.linear(x, w), [(weight,)], reps)
+    cold, hot = timed(lambda w: F.linear(x, w), (weight,), reps)
     row: dict[str, Any] = {"shape": f"M=1 K={k} N={n}", "bf16_ms": cold, "bf16_l2_hot_ms": hot, "variants": {}}
     for i in range(lib.woq_lab_count()):
 
@@ -86,7 +83,7 @@ def shape_rows(lib: ctypes.CDLL, k: int, n: int, reps: int) -> dict[str, Any]:
         y.fill_(float("nan"))
         call(codes, scales)
         err = ((y.double() - reference).abs().max() / reference.abs().max()).item()
-        v_cold, v_hot = timed(call, [(codes, scales)], reps)
+        v_cold, v_hot = timed(call, (codes, scales), reps)
         name = lib.woq_lab_name(i).decode()
         row["variants"][name] = {"ms": v_cold, "l2_hot_ms": v_hot, "vs_bf16": cold / v_cold, "err": err}
         print(f"K={k} N={n} {name:32s} {v_cold * 1e3:7.2f} us {cold / v_cold:5.2f}x err {err:.1e}", flush=True)
