@@ -1,8 +1,9 @@
 // Design variants of the int4 decode kernel (woq_matmul at M = 1: symmetric codes, groups of
 // 128, bf16 x), for timing only: tools/bench/woq_lab.py builds this file with nvcc, times every
-// variant against cuBLAS bf16 and checks each against float32. It is how the shipping design
+// variant against cuBLAS bf16 and checks each against float64. It is how the shipping design
 // in packages/kernels-cuda/csrc/woq_matmul.cu was chosen, and it keeps the evidence: a read
-// floor (the same loads, no arithmetic) and the variants that lost.
+// floor (the same loads, no arithmetic) and the variants that lost. Tensor-core variants live
+// in woq_lab_tc.cuh, copy-engine (cp.async.bulk) variants in woq_lab_bulk.cuh.
 #include <cstdint>
 #include <cuda_runtime.h>
 
@@ -176,109 +177,6 @@ __device__ __forceinline__ std::uint16_t to_bf16(float v) {
   return static_cast<std::uint16_t>(u >> 16);
 }
 
-__device__ __forceinline__ void mma_bf16(float (&d)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
-                                         std::uint32_t a3, std::uint32_t b0, std::uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// Tensor-core M=1: a block owns 16 rows, W warps split its k-blocks (128 codes, 64 bytes a row).
-// MAGIC: codes enter the mma as 136 + v (one LOP3 a pair), the 136 * sum(x) taken off per
-// k-block with one more set of mmas (A = 1); otherwise one paired bf16 FMA a pair makes v exact.
-// Tensor-core M=1: a block owns 16 rows, W warps split its k-blocks (128 codes, 64 bytes a row).
-// MAGIC: codes enter the mma as 136 + v (one LOP3 a pair), the 136 * sum(x) taken off per
-// k-block with one more set of mmas (A = 1); otherwise one paired bf16 FMA a pair makes v exact.
-template <int W, int U, bool MAGIC, int MINB>
-__global__ void __launch_bounds__(W * 32, MINB) gemv_tc(Args a) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * 16;
-  const std::size_t row_bytes = static_cast<std::size_t>(a.k) / 2;
-  const int groups = a.k >> 7, kblocks = a.k >> 7;
-  const std::uint8_t* wrow[2];
-  int rown[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    rown[h] = min(n0 + 8 * h + g, a.n - 1);
-    wrow[h] = a.codes + rown[h] * row_bytes + 16 * t;
-  }
-  const std::uint16_t* xrow = a.x + t * 32;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int kb0 = warp; kb0 < kblocks; kb0 += W * U) {
-    uint4 w[U][2];
-    float sc[U][2];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int kb = kb0 + u * W;
-      if (kb < kblocks) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          w[u][h] = load_codes(wrow[h] + static_cast<std::size_t>(kb) * 64);
-          sc[u][h] = __ldg(a.scales + static_cast<std::size_t>(rown[h]) * groups + kb);
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int kb = kb0 + u * W;
-      if (kb >= kblocks) continue;
-      std::uint32_t X[16];
-      const uint4* xp = reinterpret_cast<const uint4*>(xrow + static_cast<std::size_t>(kb) * 128);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const uint4 xv = g == 0 ? __ldg(xp + i) : make_uint4(0, 0, 0, 0);
-        X[4 * i + 0] = __byte_perm(xv.x, xv.z, 0x5410);
-        X[4 * i + 1] = __byte_perm(xv.x, xv.z, 0x7632);
-        X[4 * i + 2] = __byte_perm(xv.y, xv.w, 0x5410);
-        X[4 * i + 3] = __byte_perm(xv.y, xv.w, 0x7632);
-      }
-      std::uint32_t pg[16], ph[16];
-      const std::uint32_t* wg = reinterpret_cast<const std::uint32_t*>(&w[u][0]);
-      const std::uint32_t* wh = reinterpret_cast<const std::uint32_t*>(&w[u][1]);
-#pragma unroll
-      for (int word = 0; word < 4; ++word)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const std::uint32_t eg = and_xor(wg[word] >> (4 * j), 0x000F000Fu, 0x43084308u);
-          const std::uint32_t eh = and_xor(wh[word] >> (4 * j), 0x000F000Fu, 0x43084308u);
-          pg[4 * word + j] = MAGIC ? eg : fma2_bf16(eg, 0x3F803F80u, 0xC308C308u);
-          ph[4 * word + j] = MAGIC ? eh : fma2_bf16(eh, 0x3F803F80u, 0xC308C308u);
-        }
-      float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int j = 0; j < 8; j += 2) {
-        mma_bf16(c0, pg[2 * j], ph[2 * j], pg[2 * j + 1], ph[2 * j + 1], X[2 * j], X[2 * j + 1]);
-        mma_bf16(c1, pg[2 * j + 2], ph[2 * j + 2], pg[2 * j + 3], ph[2 * j + 3], X[2 * j + 2], X[2 * j + 3]);
-      }
-      if constexpr (MAGIC) {
-        float xs[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int j = 0; j < 8; ++j) mma_bf16(xs, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u, X[2 * j], X[2 * j + 1]);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[i] = fmaf(sc[u][i >> 1], fmaf(-136.f, xs[i], c0[i] + c1[i]), acc[i]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[i] = fmaf(sc[u][i >> 1], c0[i] + c1[i], acc[i]);
-      }
-    }
-  }
-  __shared__ float partial[W][2][32];
-  partial[warp][0][lane] = acc[0];
-  partial[warp][1][lane] = acc[2];
-  __syncthreads();
-  if (threadIdx.x < 64) {
-    const int i = threadIdx.x >> 5, l = threadIdx.x & 31;
-    const int row = n0 + (l >> 2) + 8 * i;
-    if ((l & 3) == 0 && row < a.n) {
-      float total = 0.f;
-#pragma unroll
-      for (int wi = 0; wi < W; ++wi) total += partial[wi][i][l];
-      a.y[row] = to_bf16(total);
-    }
-  }
-}
-
 // SIMT M=1: R rows a warp, K split over KS warps of a block (interleaved chunks; KS = 1: a warp
 // owns its rows), partial sums met in shared memory; U chunks a row in flight, PIPE loads the
 // next ones before the math of these.
@@ -335,14 +233,12 @@ void launch_ks(const Args& a, cudaStream_t s) {
   gemv_ks<R, U, WARPS, KS, MINB, PIPE, CONV><<<(a.n + rows - 1) / rows, WARPS * 32, 0, s>>>(a);
 }
 
+#include "woq_lab_tc.cuh"
+#include "woq_lab_bulk.cuh"
+
 __global__ void empty_kernel(Args) {}
 
 using Launch = void (*)(const Args&, cudaStream_t);
-
-template <int W, int U, bool MAGIC, int MINB>
-void launch_tc(const Args& a, cudaStream_t s) {
-  gemv_tc<W, U, MAGIC, MINB><<<(a.n + 15) / 16, W * 32, 0, s>>>(a);
-}
 
 void launch_empty(const Args& a, cudaStream_t s) { empty_kernel<<<(a.n + 7) / 8, 128, 0, s>>>(a); }
 
@@ -354,8 +250,11 @@ struct Variant {
 // Names: R rows a warp, U chunks a row in flight, "pipe" loads the next chunks before the math
 // of these, ksN splits K over N warps of a block (wW warps a block, bB resident blocks asked
 // for), "f32" turns codes into floats in the fp32 mantissa, "tc" runs mma.m16n8k16 (W warps
-// a block splitting K; "magic" feeds the codes as 136 + v with one LOP3 a pair), "lop3" makes
-// each code pair's mask-and-magic one LOP3 with register operands (ptxas splits two immediates).
+// a block splitting K; "magic" feeds the codes as 136 + v with one LOP3 a pair; "tc1" stages x
+// in shared memory and takes one k-block a step with cN accumulator chains; "tcb" puts 8 weight
+// rows in the mma's B), "lop3" makes each code pair's mask-and-magic one LOP3 with register
+// operands (ptxas splits two immediates), "bulk" streams 16-row tiles into shared memory with
+// the copy engine (sN: N k-blocks a row a copy; "floor" only waits for the data).
 const Variant kVariants[] = {
     {"empty kernel", launch_empty},
     {"read floor R2 U2", launch_ks<2, 2, 4, 1, 4, false, 2>},
@@ -376,6 +275,15 @@ const Variant kVariants[] = {
     {"tc W8 U4 lop3", launch_tc<8, 4, false, 2>},
     {"tc magic W8 U2 lop3", launch_tc<8, 2, true, 2>},
     {"tc magic W4 U4 lop3, 4 blocks", launch_tc<4, 4, true, 4>},
+    {"tc magic W8 U1 lop3, 4 blocks", launch_tc<8, 1, true, 4>},
+    {"tcb W8 U2, 4 blocks", launch_tcb<8, 2, 4>},
+    {"tc1 W8 c2, 4 blocks", launch_tc1<8, false, false, 2, 4>},
+    {"tc1 W8 c4 pipe, 4 blocks", launch_tc1<8, false, true, 4, 4>},
+    {"tc1 W8 c2 pipe, 3 blocks", launch_tc1<8, false, true, 2, 3>},
+    {"bulk floor W8 s8", launch_bulk<8, 8, true, false, 1>},
+    {"bulk floor W8 s32, 2 blocks", launch_bulk<8, 32, true, false, 2>},
+    {"bulk tc magic W16 s32", launch_bulk<16, 32, false, true, 1>},
+    {"bulk tc magic W8 s32, 2 blocks", launch_bulk<8, 32, false, true, 2>},
 };
 
 }  // namespace

@@ -61,7 +61,7 @@ def timed(call: Any, operands: tuple[torch.Tensor, ...], reps: int) -> tuple[flo
     return graphed_cold_ms(call, cold_copies(*operands), reps), graph_time_ms(rotating(call, [operands]), reps)
 
 
-def shape_rows(lib: ctypes.CDLL, k: int, n: int, reps: int) -> dict[str, Any]:
+def shape_rows(lib: ctypes.CDLL, k: int, n: int, reps: int, only: list[str]) -> dict[str, Any]:
     from ds.kernels.cuda.triton_kernels.opdefs import quantize_weight, woq_matmul
 
     torch.manual_seed(0)
@@ -73,6 +73,8 @@ def shape_rows(lib: ctypes.CDLL, k: int, n: int, reps: int) -> dict[str, Any]:
     cold, hot = timed(lambda w: F.linear(x, w), (weight,), reps)
     row: dict[str, Any] = {"shape": f"M=1 K={k} N={n}", "bf16_ms": cold, "bf16_l2_hot_ms": hot, "variants": {}}
     for i in range(lib.woq_lab_count()):
+        if only and not any(part in lib.woq_lab_name(i).decode() for part in only):
+            continue
 
         def call(q: torch.Tensor, s: torch.Tensor, i: int = i) -> None:
             status = lib.woq_lab_run(
@@ -99,13 +101,14 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "Names are explained in tools/bench/woq_lab.cu; `err` is the largest error against float64 "
         "relative to the largest output (the read floor and the empty kernel compute nothing).",
         "",
-        "| variant | " + " | ".join(r["shape"] for r in rows) + " |",
-        "| --- |" + " ---: |" * len(rows),
-        "| bf16 F.linear (us) | " + " | ".join(f"{r['bf16_ms'] * 1e3:.2f}" for r in rows) + " |",
+        "| variant | " + " | ".join(r["shape"] for r in rows) + " | err |",
+        "| --- |" + " ---: |" * (len(rows) + 1),
+        "| bf16 F.linear (us) | " + " | ".join(f"{r['bf16_ms'] * 1e3:.2f}" for r in rows) + " | |",
     ]
     for name in rows[0]["variants"]:
         cells = [f"{r['variants'][name]['ms'] * 1e3:.2f} us, **{r['variants'][name]['vs_bf16']:.2f}x**" for r in rows]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        err = max(r["variants"][name]["err"] for r in rows)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {err:.1e} |")
     return "\n".join(lines) + "\n"
 
 
@@ -113,13 +116,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--only", nargs="*", default=[], help="time only variants whose names contain one of these")
     args = parser.parse_args()
     from ds.core.kernels import install_kernels
 
     install_kernels()  # ds's quantizer and float64 reference make the inputs and check the outputs
     with tempfile.TemporaryDirectory() as folder:
         lib = build(Path(folder))
-        rows = [shape_rows(lib, k, n, args.reps) for k, n in WOQ_SHAPES]
+        rows = [shape_rows(lib, k, n, args.reps, args.only) for k, n in WOQ_SHAPES]
     env = environment()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"woq-lab-{env['gpu'].replace(' ', '_')}-{env['date'][:10]}"
