@@ -5,32 +5,35 @@
 // registers and each group's scale applied to its partial sum in float32.
 //
 // Two designs, each the measured best of its range on an H100 (weights rotated through more
-// than 4x the L2, back-to-back launches, against cuBLAS bf16 of the same shape):
-// * M = 1, SIMT: two warps of a block share 2 rows and split K between them (chunk c to warp
-//   c / 32 % 2), lanes stride K with 16-byte code loads (32 int4 / 16 int8 codes), fp32 FMAs,
-//   one warp-shuffle reduction and one exchange in shared memory; 4 warps a block. int4
-//   symmetric: 3.52x cuBLAS at K=8192 N=28672, 2.79x at K=4096 N=11008, 2.97x at K=11008
-//   N=4096, 2.65x at 4096x4096 (int8: 2.07x / 1.88x / 2.06x / 2.04x). A warp owning its rows
-//   over the whole K, two loads per row in flight, ran 3.13x / 2.58x / 2.53x / 2.37x. The time
-//   left is instruction issue and latency, not bandwidth: the same loads without the arithmetic
-//   run at 3.5-4.1x. tools/bench/woq_lab.cu keeps that read floor and the variants that lost:
-//   3 or 4 warps splitting K, 3 or 4 rows a warp, the next chunk prefetched, more resident
-//   blocks, codes converted in the fp32 mantissa, tensor cores with one LOP3 per code pair
-//   (with 32 warps a multiprocessor: 4% ahead at K = 4096, 5% behind at K = 11008), and tiles
-//   streamed into shared memory by the copy engine (cp.async.bulk: its read floor alone is
-//   2.1-3.0x at 4096 x 4096, below plain loads' 3.5x).
-// * 2 <= M <= 4, tensor cores (sm_80+, bf16/fp16 x): at M = 4 the SIMT design falls to
-//   0.7-1.8x cuBLAS (x is re-read per row and FMAs grow with M), while mma.m16n8k16 with 16
-//   weight rows as A and the x rows as B columns costs the same at M = 4 as at M = 1. A block
-//   takes 16 rows and splits K over 8 warps (k-block kb -> warp kb % 8) that meet once in
-//   shared memory: int4 symmetric at M = 4 ran 3.04x / 2.36x / 2.49x / 2.19x, int8 1.91x /
-//   1.68x / 1.62x / 1.50x, ahead of 4 warps (3.21x / 2.21x / 2.08x / 1.92x; int8 1.86x / 1.31x
-//   / 1.38x / 1.32x) everywhere but int4 at the largest shape.
+// than 4x the L2, back-to-back launches, against cuBLAS bf16 of the same shape; the M = 1
+// figures are int4 symmetric at K x N = 4096 x 4096 / 4096 x 11008 / 11008 x 4096 / 8192 x
+// 28672, from tools/bench/woq_lab.cu, which keeps the variants that lost and a read floor):
+// * SIMT, for M = 1 where the tensor cores are not taken: two warps of a block share 2 rows
+//   and split K between them (chunk c to warp c / 32 % 2), lanes stride K with 16-byte code
+//   loads (32 int4 / 16 int8 codes), fp32 FMAs, one warp-shuffle reduction and one exchange in
+//   shared memory; 4 warps a block: 2.65x / 3.05x / 3.13x / 3.66x cuBLAS (int8: 2.04x / 1.88x
+//   / 2.06x / 2.07x). The time left is instruction issue and latency, not bandwidth: the same
+//   loads without the arithmetic run at 3.5-4.1x. Variants that lost: a warp owning its rows
+//   over the whole K, 3 or 4 warps splitting K, 3 or 4 rows a warp, the next chunk prefetched,
+//   more resident blocks, codes converted in the fp32 mantissa, and tiles streamed into shared
+//   memory by the copy engine (cp.async.bulk: its read floor alone is 2.1-3.0x at 4096 x 4096).
+// * Tensor cores (sm_80+, bf16/fp16 x) for 2 <= M <= 4, and for M = 1 with int4 codes and
+//   K <= 8192: mma.m16n8k16 with 16 weight rows as A and the x rows as B columns costs the same
+//   at M = 4 as at M = 1 (the SIMT design falls to 0.7-1.8x cuBLAS at M = 4: x is re-read per
+//   row and FMAs grow with M). A block takes 16 rows and splits K over 8 warps (k-block kb ->
+//   warp kb % 8) that meet once in shared memory. At M = 2-4 a warp loads 4 k-blocks before any
+//   math, 2 blocks a multiprocessor: int4 symmetric at M = 4 ran 3.04x / 2.36x / 2.49x / 2.19x,
+//   int8 1.91x / 1.68x / 1.62x / 1.50x, ahead of 4 warps (3.21x / 2.21x / 2.08x / 1.92x; int8
+//   1.86x / 1.31x / 1.38x / 1.32x) everywhere but int4 at the largest shape. At M = 1 a warp
+//   takes one k-block a step with 4 blocks a multiprocessor: 2.71x / 3.16x / 2.97x / 3.66x,
+//   ahead of SIMT at K = 4096, even at 8192; at K = 11008 each warp's 10 or 11 k-blocks put it
+//   5% behind, hence the K limit. Feeding the codes as 136 + v and taking 136 sum(x) off after
+//   the mma (no paired FMA) measured the same.
 // The tensor-core design needs a k-block (64 code bytes per row: 128 int4 / 64 int8 codes)
 // inside one group, since one mma sums over the whole k-block before the scale is applied;
-// smaller groups, float32 x, GPUs before sm_80 and HIP take the SIMT design with 4 rows per
-// warp and K unsplit, the best SIMT variant at M = 4 (int4: 1.58-1.76x cuBLAS vs 1.26-1.29x
-// for 2 rows).
+// smaller groups, float32 x, GPUs before sm_80 and HIP take the SIMT design (at M > 1 with 4
+// rows per warp and K unsplit, the best SIMT variant at M = 4: int4 1.58-1.76x cuBLAS vs
+// 1.26-1.29x for 2 rows).
 #include <type_traits>
 
 #include "dtypes.h"
@@ -60,7 +63,8 @@ constexpr int kSimtWarps = 4;
 constexpr int kKBlockBytes = 64;  // code bytes of one row in one mma k-block (16 per lane of a quad)
 #if !defined(DS_KERNELS_HIP)
 constexpr int kMmaWarps = 8;
-constexpr int kMmaUnroll = 4;  // k-blocks per warp whose loads are issued before any math
+// M = 1 takes the tensor-core design too for int4 codes up to this K (see the top of the file).
+constexpr int kMmaMaxKForOneRow = 8192;
 #endif
 
 template <typename T>
@@ -190,8 +194,10 @@ __global__ void DS_WOQ_BOUNDS(kSimtWarps * 32) woq_gemv_simt(WoqArgs<T> a) {
 // x row g at the same k's (the k order inside an mma is free as long as A and B agree), zero
 // for g >= M. The scale multiplies each k-block's mma sums; asymmetric offsets add
 // offset * sum(x over the k-block), the sum taken by one more mma with A = 1.
-template <typename T, int BITS, bool SYM, int M>
-__global__ void DS_WOQ_BOUNDS(kMmaWarps * 32) woq_gemv_mma(WoqArgs<T> a) {
+// UNROLL: k-blocks a warp loads before any math; BLOCKS: resident blocks asked for per
+// multiprocessor (a register cap of 64K / (256 BLOCKS) a thread).
+template <typename T, int BITS, bool SYM, int M, int UNROLL, int BLOCKS>
+__global__ void __launch_bounds__(kMmaWarps * 32, BLOCKS) woq_gemv_mma(WoqArgs<T> a) {
   static_assert(M >= 1 && M <= 8, "the mma's 8 columns hold at most 8 rows of x");
   using H = Half16<T>;
   constexpr int kCodesPerLane = BITS == 4 ? 32 : 16;
@@ -213,11 +219,11 @@ __global__ void DS_WOQ_BOUNDS(kMmaWarps * 32) woq_gemv_mma(WoqArgs<T> a) {
   const T* xrow = a.x + static_cast<std::size_t>(g < M ? g : 0) * a.k + t * kCodesPerLane;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
 
-  for (int kb0 = warp; kb0 < kblocks; kb0 += kMmaWarps * kMmaUnroll) {
-    uint4 w[kMmaUnroll][2];
-    float sc[kMmaUnroll][2], of[kMmaUnroll][2];
+  for (int kb0 = warp; kb0 < kblocks; kb0 += kMmaWarps * UNROLL) {
+    uint4 w[UNROLL][2];
+    float sc[UNROLL][2], of[UNROLL][2];
 #pragma unroll
-    for (int u = 0; u < kMmaUnroll; ++u) {  // every weight load of the step before any math
+    for (int u = 0; u < UNROLL; ++u) {  // every weight load of the step before any math
       const int kb = kb0 + u * kMmaWarps;
       if (kb < kblocks) {
         const int grp = (kb * kBlockCodes) >> a.group_shift;
@@ -230,7 +236,7 @@ __global__ void DS_WOQ_BOUNDS(kMmaWarps * 32) woq_gemv_mma(WoqArgs<T> a) {
       }
     }
 #pragma unroll
-    for (int u = 0; u < kMmaUnroll; ++u) {
+    for (int u = 0; u < UNROLL; ++u) {
       const int kb = kb0 + u * kMmaWarps;
       if (kb >= kblocks) continue;
       std::uint32_t X[kPairs];  // B fragments, in the pair order of the codes
@@ -321,10 +327,18 @@ bool tensor_cores_here() {
 template <typename T, int BITS, bool SYM, int M>
 const char* launch_rows(const WoqArgs<T>& args, bool tensor_cores, ds_stream_t stream) {
 #if !defined(DS_KERNELS_HIP)
-  if constexpr (M > 1 && !std::is_same_v<T, float>) {
-    if (tensor_cores) {
-      woq_gemv_mma<T, BITS, SYM, M><<<(args.n + 15) / 16, kMmaWarps * 32, 0, stream>>>(args);
-      DS_RETURN_LAUNCH_STATUS();
+  if constexpr (!std::is_same_v<T, float>) {
+    const unsigned tiles = (args.n + 15) / 16;
+    if constexpr (M > 1) {
+      if (tensor_cores) {
+        woq_gemv_mma<T, BITS, SYM, M, 4, 2><<<tiles, kMmaWarps * 32, 0, stream>>>(args);
+        DS_RETURN_LAUNCH_STATUS();
+      }
+    } else if constexpr (BITS == 4) {
+      if (tensor_cores && args.k <= kMmaMaxKForOneRow) {
+        woq_gemv_mma<T, BITS, SYM, 1, 1, 4><<<tiles, kMmaWarps * 32, 0, stream>>>(args);
+        DS_RETURN_LAUNCH_STATUS();
+      }
     }
   }
 #endif

@@ -3,9 +3,10 @@
 Relative error ``||out - ref|| / ||ref||`` against the op's reference run in float64 on the
 same quantized weight; bounds per output dtype as in test_gpu_kernels.py: float32 3e-5,
 float16 2e-3, bfloat16 1.2e-2. Memory is poisoned with NaN bytes before each call, so an
-output element a kernel skips fails. The shapes reach both designs: the SIMT one (one row,
-float32 x, groups smaller than an mma k-block) and the tensor-core one (2-4 rows of bf16/fp16
-x), with N not a multiple of either's rows per block and K shorter than a block's warps.
+output element a kernel skips fails. The shapes reach both designs: the SIMT one (one row of
+int8 codes or with K above 8192, float32 x, groups smaller than an mma k-block) and the
+tensor-core one (bf16/fp16 x: 2-4 rows, or one row of int4 codes), with N not a multiple of
+either's rows per block and K shorter than a block's warps.
 """
 
 from __future__ import annotations
