@@ -276,6 +276,7 @@ const Variant kVariants[] = {
     {"tc magic W8 U2 lop3", launch_tc<8, 2, true, 2>},
     {"tc magic W4 U4 lop3, 4 blocks", launch_tc<4, 4, true, 4>},
     {"tc magic W8 U1 lop3, 4 blocks", launch_tc<8, 1, true, 4>},
+    {"tc W8 U1 lop3, 4 blocks", launch_tc<8, 1, false, 4>},
     {"tcb W8 U2, 4 blocks", launch_tcb<8, 2, 4>},
     {"tc1 W8 c2, 4 blocks", launch_tc1<8, false, false, 2, 4>},
     {"tc1 W8 c4 pipe, 4 blocks", launch_tc1<8, false, true, 4, 4>},
