@@ -8,27 +8,30 @@
 // than 4x the L2, back-to-back launches, against cuBLAS bf16 of the same shape; the M = 1
 // figures are int4 symmetric at K x N = 4096 x 4096 / 4096 x 11008 / 11008 x 4096 / 8192 x
 // 28672, from tools/bench/woq_lab.cu, which keeps the variants that lost and a read floor):
-// * SIMT, for M = 1 where the tensor cores are not taken: two warps of a block share 2 rows
-//   and split K between them (chunk c to warp c / 32 % 2), lanes stride K with 16-byte code
-//   loads (32 int4 / 16 int8 codes), fp32 FMAs, one warp-shuffle reduction and one exchange in
-//   shared memory; 4 warps a block: 2.65x / 3.05x / 3.13x / 3.66x cuBLAS (int8: 2.04x / 1.88x
+// * SIMT, for M = 1 where the tensor cores are not taken (int8 codes, groups under 128, fp32
+//   x, HIP, GPUs before sm_80): two warps of a block share 2 rows and split K between them
+//   (chunk c to warp c / 32 % 2), lanes stride K with 16-byte code loads (32 int4 / 16 int8
+//   codes), fp32 FMAs, one warp-shuffle reduction and one exchange in shared memory; 4 warps a
+//   block: int4 2.65x / 3.05x / 3.13x / 3.66x cuBLAS (int8: 2.04x / 1.88x
 //   / 2.06x / 2.07x). The time left is instruction issue and latency, not bandwidth: the same
 //   loads without the arithmetic run at 3.5-4.1x. Variants that lost: a warp owning its rows
 //   over the whole K, 3 or 4 warps splitting K, 3 or 4 rows a warp, the next chunk prefetched,
 //   more resident blocks, codes converted in the fp32 mantissa, and tiles streamed into shared
 //   memory by the copy engine (cp.async.bulk: its read floor alone is 2.1-3.0x at 4096 x 4096).
-// * Tensor cores (sm_80+, bf16/fp16 x) for 2 <= M <= 4, and for M = 1 with int4 codes and
-//   K <= 8192: mma.m16n8k16 with 16 weight rows as A and the x rows as B columns costs the same
-//   at M = 4 as at M = 1 (the SIMT design falls to 0.7-1.8x cuBLAS at M = 4: x is re-read per
-//   row and FMAs grow with M). A block takes 16 rows and splits K over 8 warps (k-block kb ->
-//   warp kb % 8) that meet once in shared memory. At M = 2-4 a warp loads 4 k-blocks before any
-//   math, 2 blocks a multiprocessor: int4 symmetric at M = 4 ran 3.04x / 2.36x / 2.49x / 2.19x,
-//   int8 1.91x / 1.68x / 1.62x / 1.50x, ahead of 4 warps (3.21x / 2.21x / 2.08x / 1.92x; int8
-//   1.86x / 1.31x / 1.38x / 1.32x) everywhere but int4 at the largest shape. At M = 1 a warp
-//   takes one k-block a step with 4 blocks a multiprocessor: 2.71x / 3.16x / 2.97x / 3.66x,
-//   ahead of SIMT at K = 4096, even at 8192; at K = 11008 each warp's 10 or 11 k-blocks put it
-//   5% behind, hence the K limit. Feeding the codes as 136 + v and taking 136 sum(x) off after
-//   the mma (no paired FMA) measured the same.
+// * Tensor cores (sm_80+, bf16/fp16 x) for 2 <= M <= 4, and for M = 1 with int4 codes:
+//   mma.m16n8k16 with 16 weight rows as A and the x rows as B columns costs the same at M = 4
+//   as at M = 1 (the SIMT design falls to 0.7-1.8x cuBLAS at M = 4: x is re-read per row and
+//   FMAs grow with M). A block takes a 16-row tile and splits its k-blocks over its warps
+//   (k-block kb -> warp kb % warps), which meet once in shared memory. At M = 2-4, 8 warps a
+//   tile, each loading 4 k-blocks before any math, 2 blocks a multiprocessor: int4 symmetric at
+//   M = 4 ran 3.04x / 2.36x / 2.49x / 2.19x, int8 1.91x / 1.68x / 1.62x / 1.50x, ahead of 4
+//   warps (3.21x / 2.21x / 2.08x / 1.92x; int8 1.86x / 1.31x / 1.38x / 1.32x) everywhere but
+//   int4 at the largest shape. At M = 1 a warp takes one k-block a step, 32 warps are resident
+//   per multiprocessor (64 registers), and a tile gets 16, 8 or 4 warps: the most that keep the
+//   grid to one wave. 16 warps a tile: 3.04x / 2.91x / 3.38x / 3.71x; 8: 2.71x / 2.95x / 2.89x /
+//   3.67x; 4: 2.05x / 3.12x / 2.00x / 3.72x, so N = 4096 (256 tiles) takes 16 and N = 11008
+//   (688) takes 4; the largest shape fits no single wave and takes 4. Feeding the codes as
+//   136 + v and taking 136 sum(x) off after the mma (no paired FMA) measured the same.
 // The tensor-core design needs a k-block (64 code bytes per row: 128 int4 / 64 int8 codes)
 // inside one group, since one mma sums over the whole k-block before the scale is applied;
 // smaller groups, float32 x, GPUs before sm_80 and HIP take the SIMT design (at M > 1 with 4
@@ -62,9 +65,6 @@ using woq::int4_pairs;
 constexpr int kSimtWarps = 4;
 constexpr int kKBlockBytes = 64;  // code bytes of one row in one mma k-block (16 per lane of a quad)
 #if !defined(DS_KERNELS_HIP)
-constexpr int kMmaWarps = 8;
-// M = 1 takes the tensor-core design too for int4 codes up to this K (see the top of the file).
-constexpr int kMmaMaxKForOneRow = 8192;
 #endif
 
 template <typename T>
@@ -194,10 +194,11 @@ __global__ void DS_WOQ_BOUNDS(kSimtWarps * 32) woq_gemv_simt(WoqArgs<T> a) {
 // x row g at the same k's (the k order inside an mma is free as long as A and B agree), zero
 // for g >= M. The scale multiplies each k-block's mma sums; asymmetric offsets add
 // offset * sum(x over the k-block), the sum taken by one more mma with A = 1.
-// UNROLL: k-blocks a warp loads before any math; BLOCKS: resident blocks asked for per
-// multiprocessor (a register cap of 64K / (256 BLOCKS) a thread).
-template <typename T, int BITS, bool SYM, int M, int UNROLL, int BLOCKS>
-__global__ void __launch_bounds__(kMmaWarps * 32, BLOCKS) woq_gemv_mma(WoqArgs<T> a) {
+// WARPS: warps splitting a tile's k-blocks; UNROLL: k-blocks a warp loads before any math;
+// BLOCKS: resident blocks asked for per multiprocessor (a register cap of 64K / (32 WARPS
+// BLOCKS) a thread).
+template <typename T, int BITS, bool SYM, int M, int WARPS, int UNROLL, int BLOCKS>
+__global__ void __launch_bounds__(WARPS * 32, BLOCKS) woq_gemv_mma(WoqArgs<T> a) {
   static_assert(M >= 1 && M <= 8, "the mma's 8 columns hold at most 8 rows of x");
   using H = Half16<T>;
   constexpr int kCodesPerLane = BITS == 4 ? 32 : 16;
@@ -219,12 +220,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32, BLOCKS) woq_gemv_mma(WoqArgs<T
   const T* xrow = a.x + static_cast<std::size_t>(g < M ? g : 0) * a.k + t * kCodesPerLane;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
 
-  for (int kb0 = warp; kb0 < kblocks; kb0 += kMmaWarps * UNROLL) {
+  for (int kb0 = warp; kb0 < kblocks; kb0 += WARPS * UNROLL) {
     uint4 w[UNROLL][2];
     float sc[UNROLL][2], of[UNROLL][2];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {  // every weight load of the step before any math
-      const int kb = kb0 + u * kMmaWarps;
+      const int kb = kb0 + u * WARPS;
       if (kb < kblocks) {
         const int grp = (kb * kBlockCodes) >> a.group_shift;
 #pragma unroll
@@ -237,7 +238,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, BLOCKS) woq_gemv_mma(WoqArgs<T
     }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      const int kb = kb0 + u * kMmaWarps;
+      const int kb = kb0 + u * WARPS;
       if (kb >= kblocks) continue;
       std::uint32_t X[kPairs];  // B fragments, in the pair order of the codes
       const uint4* xp = reinterpret_cast<const uint4*>(xrow + static_cast<std::size_t>(kb) * kBlockCodes);
@@ -296,17 +297,17 @@ __global__ void __launch_bounds__(kMmaWarps * 32, BLOCKS) woq_gemv_mma(WoqArgs<T
   }
 
   // Accumulator i of lane l: weight row (l / 4) + 8 (i / 2) of the block, x row 2 (l % 4) + i % 2.
-  __shared__ float partial[kMmaWarps][4][32];
+  __shared__ float partial[WARPS][4][32];
 #pragma unroll
   for (int i = 0; i < 4; ++i) partial[warp][i][lane] = acc[i];
   __syncthreads();
-  for (int e = threadIdx.x; e < 4 * 32; e += kMmaWarps * 32) {
+  for (int e = threadIdx.x; e < 4 * 32; e += WARPS * 32) {
     const int i = e >> 5, l = e & 31;
     const int m = 2 * (l & 3) + (i & 1), row = n0 + (l >> 2) + 8 * (i >> 1);
     if (m >= M || row >= a.n) continue;
     float total = 0.f;
 #pragma unroll
-    for (int wi = 0; wi < kMmaWarps; ++wi) total += partial[wi][i][l];
+    for (int wi = 0; wi < WARPS; ++wi) total += partial[wi][i][l];
     a.y[static_cast<std::size_t>(m) * a.n + row] = from_float<T>(total);
   }
 }
@@ -324,6 +325,16 @@ bool tensor_cores_here() {
 #endif
 }
 
+#if !defined(DS_KERNELS_HIP)
+// The running GPU's multiprocessor count (1 if it cannot be read).
+int multiprocessors_here() {
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 1;
+  return count;
+}
+#endif
+
 template <typename T, int BITS, bool SYM, int M>
 const char* launch_rows(const WoqArgs<T>& args, bool tensor_cores, ds_stream_t stream) {
 #if !defined(DS_KERNELS_HIP)
@@ -331,12 +342,21 @@ const char* launch_rows(const WoqArgs<T>& args, bool tensor_cores, ds_stream_t s
     const unsigned tiles = (args.n + 15) / 16;
     if constexpr (M > 1) {
       if (tensor_cores) {
-        woq_gemv_mma<T, BITS, SYM, M, 4, 2><<<tiles, kMmaWarps * 32, 0, stream>>>(args);
+        woq_gemv_mma<T, BITS, SYM, M, 8, 4, 2><<<tiles, 8 * 32, 0, stream>>>(args);
         DS_RETURN_LAUNCH_STATUS();
       }
     } else if constexpr (BITS == 4) {
-      if (tensor_cores && args.k <= kMmaMaxKForOneRow) {
-        woq_gemv_mma<T, BITS, SYM, 1, 1, 4><<<tiles, kMmaWarps * 32, 0, stream>>>(args);
+      // One row: one k-block a warp a step, 32 warps a multiprocessor, and as many warps a tile
+      // as keep the grid to one wave (see the top of the file).
+      if (tensor_cores) {
+        const long long warp_slots = 32LL * multiprocessors_here();
+        if (16LL * tiles <= warp_slots) {
+          woq_gemv_mma<T, BITS, SYM, 1, 16, 1, 2><<<tiles, 16 * 32, 0, stream>>>(args);
+        } else if (8LL * tiles <= warp_slots) {
+          woq_gemv_mma<T, BITS, SYM, 1, 8, 1, 4><<<tiles, 8 * 32, 0, stream>>>(args);
+        } else {
+          woq_gemv_mma<T, BITS, SYM, 1, 4, 1, 8><<<tiles, 4 * 32, 0, stream>>>(args);
+        }
         DS_RETURN_LAUNCH_STATUS();
       }
     }

@@ -4,9 +4,9 @@ Relative error ``||out - ref|| / ||ref||`` against the op's reference run in flo
 same quantized weight; bounds per output dtype as in test_gpu_kernels.py: float32 3e-5,
 float16 2e-3, bfloat16 1.2e-2. Memory is poisoned with NaN bytes before each call, so an
 output element a kernel skips fails. The shapes reach both designs: the SIMT one (one row of
-int8 codes or with K above 8192, float32 x, groups smaller than an mma k-block) and the
-tensor-core one (bf16/fp16 x: 2-4 rows, or one row of int4 codes), with N not a multiple of
-either's rows per block and K shorter than a block's warps.
+int8 codes, float32 x, groups smaller than an mma k-block) and the tensor-core one (bf16/fp16
+x: 2-4 rows, or one row of int4 codes, whose 16, 8 or 4 warps a tile depend on N), with N not a
+multiple of either's rows per block and K shorter than a block's warps.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ MODES = [(4, True), (4, False), (8, True), (8, False)]
 
 # (K, N, group): decoder projections (N = 4100 and 37 leave partial blocks of 8 and 16 rows),
 # K = 384 has 3 mma k-blocks for 8 warps, groups 32/64 send int4 (and 32 int8) to the SIMT design.
+# One row of int4 takes 16 warps a tile up to N = 4224 on an H100 (132 multiprocessors), 8 up to
+# 8448 (N = 6001, 8 k-blocks) and 4 beyond (N = 9000, 5 k-blocks for 4 warps).
 SHAPES = [(4096, 4096, 128), (4096, 4100, 128), (11008, 4096, 128), (384, 37, 128), (384, 37, 32),
-          (768, 1001, 64), (2048, 333, 256)]
+          (768, 1001, 64), (2048, 333, 256), (1024, 6001, 128), (640, 9000, 128)]
 
 
 @pytest.fixture(autouse=True)
