@@ -254,13 +254,15 @@ struct Variant {
 // in shared memory and takes one k-block a step with cN accumulator chains; "tcb" puts 8 weight
 // rows in the mma's B), "lop3" makes each code pair's mask-and-magic one LOP3 with register
 // operands (ptxas splits two immediates), "bulk" streams 16-row tiles into shared memory with
-// the copy engine (sN: N k-blocks a row a copy; "floor" only waits for the data).
+// the copy engine (sN: N k-blocks a row a copy; "floor" only waits for the data). Shipped:
+// "tc W16 / W8 / W4 U1 lop3" (the most warps a tile that keep the grid to one wave), and
+// "ks2 R2 U1 lop3" where tensor cores are not taken (int8, small groups, fp32 x, HIP).
 const Variant kVariants[] = {
     {"empty kernel", launch_empty},
     {"read floor R2 U2", launch_ks<2, 2, 4, 1, 4, false, 2>},
     {"R2 U2 (shipped to 2026-11-26)", launch_ks<2, 2, 4, 1, 4, false, 0>},
     {"ks2 R2 U1", launch_ks<2, 1, 4, 2, 7>},
-    {"ks2 R2 U1 lop3 (shipped)", launch_ks<2, 1, 4, 2, 7, false, 3>},
+    {"ks2 R2 U1 lop3 (SIMT shipped)", launch_ks<2, 1, 4, 2, 7, false, 3>},
     {"R2 U2 pipe", launch_ks<2, 2, 4, 1, 4, true, 0>},
     {"R2 U4", launch_ks<2, 4, 4, 1, 4, false, 0>},
     {"R4 U2 pipe", launch_ks<4, 2, 4, 1, 4, true, 0>},
