@@ -147,7 +147,8 @@ def graphed_cold_ms(call: Callable[..., Any], copies: list[tuple[torch.Tensor, .
 
 
 def woq_row(m: int, k: int, n: int, reps: int) -> dict[str, Any]:
-    """bf16 F.linear and int4/int8 (symmetric, groups of 128) woq_matmul of x [M, K] by a [N, K] weight."""
+    """bf16 F.linear and int4/int8 woq_matmul (groups of 128: symmetric, and int4 asymmetric, the
+    zero-point form of GPTQ/AWQ checkpoints) of x [M, K] by a [N, K] weight."""
     from ds.kernels.cuda.triton_kernels.opdefs import quantize_weight
 
     weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -156,11 +157,14 @@ def woq_row(m: int, k: int, n: int, reps: int) -> dict[str, Any]:
     variants: dict[str, tuple[Callable[..., Any], tuple[torch.Tensor, ...], int]] = {
         "bf16 F.linear": (lambda w: F.linear(x, w), (weight,), 2 * n * k)}
     kernels = backend_kernels("woq_matmul")
-    for bits in (4, 8):
-        q, s, _ = quantize_weight(weight, bits, 128, True)
+    for bits, symmetric in ((4, True), (8, True), (4, False)):
+        q, s, o = quantize_weight(weight, bits, 128, symmetric)
+        operands = (q, s) if symmetric else (q, s, o)
+        name = f"int{bits}" if symmetric else f"int{bits} asym"
         for backend, woq_matmul in kernels.items():
-            variants[f"int{bits} woq_matmul {backend}"] = (
-                lambda q, s, f=woq_matmul, b=bits: f(x, q, s, None, b, 128), (q, s), n * k * bits // 8 + s.numel() * 4)
+            variants[f"{name} woq_matmul {backend}"] = (
+                lambda q, s, o=None, f=woq_matmul, b=bits: f(x, q, s, o, b, 128), operands,
+                n * k * bits // 8 + sum(t.numel() * 4 for t in operands[1:]))
     row: dict[str, Any] = {"shape": f"M={m} K={k} N={n}", "results": {}}
     for label, (call, operands, weight_bytes) in variants.items():
         try:
