@@ -37,6 +37,7 @@
 // smaller groups, float32 x, GPUs before sm_80 and HIP take the SIMT design (at M > 1 with 4
 // rows per warp and K unsplit, the best SIMT variant at M = 4: int4 1.58-1.76x cuBLAS vs
 // 1.26-1.29x for 2 rows).
+#include <atomic>
 #include <type_traits>
 
 #include "dtypes.h"
@@ -313,30 +314,40 @@ __global__ void __launch_bounds__(WARPS * 32, BLOCKS) woq_gemv_mma(WoqArgs<T> a)
 }
 #endif  // !DS_KERNELS_HIP
 
-// Whether this GPU runs the tensor-core design (mma.sync with bf16/fp16 operands: sm_80+).
-bool tensor_cores_here() {
-#if defined(DS_KERNELS_HIP)
-  return false;
-#else
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-  return major >= 8;
-#endif
-}
+// What a call may use of the running GPU: the tensor-core design (mma.sync with bf16/fp16
+// operands, sm_80+) and the multiprocessor count that sizes the one-row tiles.
+struct GpuFacts {
+  bool tensor_cores = false;
+  int multiprocessors = 1;
+};
 
+// Read from the runtime once per device: a decode step calls woq_matmul for every projection of
+// every layer, and these never change.
+GpuFacts gpu_facts() {
+  GpuFacts facts;
 #if !defined(DS_KERNELS_HIP)
-// The running GPU's multiprocessor count (1 if it cannot be read).
-int multiprocessors_here() {
-  int device = 0, count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 1;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 1;
-  return count;
-}
+  constexpr int kDevices = 64;
+  static std::atomic<int> known[kDevices];  // multiprocessors * 2 + tensor cores; 0 until read
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return facts;
+  int packed = device < kDevices ? known[device].load(std::memory_order_relaxed) : 0;
+  if (packed == 0) {
+    int major = 0, count = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      return facts;
+    }
+    packed = count * 2 + (major >= 8 ? 1 : 0);
+    if (device < kDevices) known[device].store(packed, std::memory_order_relaxed);
+  }
+  facts.tensor_cores = (packed & 1) != 0;
+  facts.multiprocessors = packed >> 1;
 #endif
+  return facts;
+}
 
 template <typename T, int BITS, bool SYM, int M>
-const char* launch_rows(const WoqArgs<T>& args, bool tensor_cores, ds_stream_t stream) {
+const char* launch_rows(const WoqArgs<T>& args, bool tensor_cores, int multiprocessors, ds_stream_t stream) {
 #if !defined(DS_KERNELS_HIP)
   if constexpr (!std::is_same_v<T, float>) {
     const unsigned tiles = (args.n + 15) / 16;
@@ -349,7 +360,7 @@ const char* launch_rows(const WoqArgs<T>& args, bool tensor_cores, ds_stream_t s
       // One row: one k-block a warp a step, 32 warps a multiprocessor, and as many warps a tile
       // as keep the grid to one wave (see the top of the file).
       if (tensor_cores) {
-        const long long warp_slots = 32LL * multiprocessors_here();
+        const long long warp_slots = 32LL * multiprocessors;
         if (16LL * tiles <= warp_slots) {
           woq_gemv_mma<T, BITS, SYM, 1, 16, 1, 2><<<tiles, 16 * 32, 0, stream>>>(args);
         } else if (8LL * tiles <= warp_slots) {
@@ -362,7 +373,7 @@ const char* launch_rows(const WoqArgs<T>& args, bool tensor_cores, ds_stream_t s
     }
   }
 #endif
-  (void)tensor_cores;
+  (void)tensor_cores, (void)multiprocessors;
   constexpr int kRows = M == 1 ? 2 : 4;   // rows per warp
   constexpr int kSplit = M == 1 ? 2 : 1;  // warps splitting a row's K
   constexpr int kBlockRows = kRows * kSimtWarps / kSplit;
@@ -372,12 +383,13 @@ const char* launch_rows(const WoqArgs<T>& args, bool tensor_cores, ds_stream_t s
 }
 
 template <typename T, int BITS, bool SYM>
-const char* launch(const WoqArgs<T>& args, std::int64_t m, bool tensor_cores, ds_stream_t stream) {
+const char* launch(const WoqArgs<T>& args, std::int64_t m, bool tensor_cores, int multiprocessors,
+                   ds_stream_t stream) {
   switch (m) {
-    case 1: return launch_rows<T, BITS, SYM, 1>(args, tensor_cores, stream);
-    case 2: return launch_rows<T, BITS, SYM, 2>(args, tensor_cores, stream);
-    case 3: return launch_rows<T, BITS, SYM, 3>(args, tensor_cores, stream);
-    default: return launch_rows<T, BITS, SYM, 4>(args, tensor_cores, stream);
+    case 1: return launch_rows<T, BITS, SYM, 1>(args, tensor_cores, multiprocessors, stream);
+    case 2: return launch_rows<T, BITS, SYM, 2>(args, tensor_cores, multiprocessors, stream);
+    case 3: return launch_rows<T, BITS, SYM, 3>(args, tensor_cores, multiprocessors, stream);
+    default: return launch_rows<T, BITS, SYM, 4>(args, tensor_cores, multiprocessors, stream);
   }
 }
 
@@ -404,17 +416,18 @@ const char* woq_matmul(Ptr x, Ptr codes, Ptr scales, Ptr offsets, Ptr y, std::in
   if (!symmetric && offsets == 0) return "woq_matmul: asymmetric codes need offsets";
   const ds_stream_t stream = as_stream(stream_handle);
   // One mma sums a whole k-block, so its group must not be smaller: 128 int4 or 64 int8 codes.
-  const bool tensor_cores = group_size >= kKBlockBytes * 8 / bits && tensor_cores_here();
+  const GpuFacts gpu = gpu_facts();
+  const bool tensor_cores = group_size >= kKBlockBytes * 8 / bits && gpu.tensor_cores;
   DS_DISPATCH_FLOAT(dtype, T, {
     const WoqArgs<T> args{reinterpret_cast<const T*>(x), reinterpret_cast<const std::uint8_t*>(codes),
                           reinterpret_cast<const float*>(scales), reinterpret_cast<const float*>(offsets),
                           reinterpret_cast<T*>(y), static_cast<int>(n), static_cast<int>(k), group_shift};
     if (bits == 4) {
-      return symmetric ? launch<T, 4, true>(args, m, tensor_cores, stream)
-                       : launch<T, 4, false>(args, m, tensor_cores, stream);
+      return symmetric ? launch<T, 4, true>(args, m, tensor_cores, gpu.multiprocessors, stream)
+                       : launch<T, 4, false>(args, m, tensor_cores, gpu.multiprocessors, stream);
     }
-    return symmetric ? launch<T, 8, true>(args, m, tensor_cores, stream)
-                     : launch<T, 8, false>(args, m, tensor_cores, stream);
+    return symmetric ? launch<T, 8, true>(args, m, tensor_cores, gpu.multiprocessors, stream)
+                     : launch<T, 8, false>(args, m, tensor_cores, gpu.multiprocessors, stream);
   });
   return nullptr;
 }
