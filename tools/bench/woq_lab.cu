@@ -284,13 +284,13 @@ const Variant kVariants[] = {
     {"tc W4 U1 lop3, 8 blocks", launch_tc<4, 1, false, 8>},
     {"tc W4 U2 lop3, 8 blocks", launch_tc<4, 2, false, 8>},
     {"tcb W8 U2, 4 blocks", launch_tcb<8, 2, 4>},
-    {"tc1 W8 c2, 4 blocks", launch_tc1<8, false, false, 2, 4>},
-    {"tc1 W8 c4 pipe, 4 blocks", launch_tc1<8, false, true, 4, 4>},
-    {"tc1 W8 c2 pipe, 3 blocks", launch_tc1<8, false, true, 2, 3>},
-    {"bulk floor W8 s8", launch_bulk<8, 8, true, false, 1>},
-    {"bulk floor W8 s32, 2 blocks", launch_bulk<8, 32, true, false, 2>},
-    {"bulk tc magic W16 s32", launch_bulk<16, 32, false, true, 1>},
-    {"bulk tc magic W8 s32, 2 blocks", launch_bulk<8, 32, false, true, 2>},
+    {"tc1 W8 c2, 4 blocks", launch_tc1<8, false, 2, 4>},
+    {"tc1 W8 c4 pipe, 4 blocks", launch_tc1<8, true, 4, 4>},
+    {"tc1 W8 c2 pipe, 3 blocks", launch_tc1<8, true, 2, 3>},
+    {"bulk floor W8 s8", launch_bulk<8, 8, true, 1>},
+    {"bulk floor W8 s32, 2 blocks", launch_bulk<8, 32, true, 2>},
+    {"bulk tc magic W16 s32", launch_bulk<16, 32, false, 1>},
+    {"bulk tc magic W8 s32, 2 blocks", launch_bulk<8, 32, false, 2>},
 };
 
 }  // namespace

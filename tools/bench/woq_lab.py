@@ -73,7 +73,8 @@ def shape_rows(lib: ctypes.CDLL, k: int, n: int, reps: int, only: list[str]) -> 
     cold, hot = timed(lambda w: F.linear(x, w), (weight,), reps)
     row: dict[str, Any] = {"shape": f"M=1 K={k} N={n}", "bf16_ms": cold, "bf16_l2_hot_ms": hot, "variants": {}}
     for i in range(lib.woq_lab_count()):
-        if only and not any(part in lib.woq_lab_name(i).decode() for part in only):
+        name = lib.woq_lab_name(i).decode()
+        if only and not any(part in name for part in only):
             continue
 
         def call(q: torch.Tensor, s: torch.Tensor, i: int = i) -> None:
@@ -86,7 +87,6 @@ def shape_rows(lib: ctypes.CDLL, k: int, n: int, reps: int, only: list[str]) -> 
         call(codes, scales)
         err = ((y.double() - reference).abs().max() / reference.abs().max()).item()
         v_cold, v_hot = timed(call, (codes, scales), reps)
-        name = lib.woq_lab_name(i).decode()
         row["variants"][name] = {"ms": v_cold, "l2_hot_ms": v_hot, "vs_bf16": cold / v_cold, "err": err}
         print(f"K={k} N={n} {name:32s} {v_cold * 1e3:7.2f} us {cold / v_cold:5.2f}x err {err:.1e}", flush=True)
     return row

@@ -59,9 +59,10 @@ struct BulkLayout {
   __host__ __device__ static int ring_offset(int k) { return (kHeadBytes + 2 * k + 127) / 128 * 128; }
 };
 
-// FLOOR: the consumers only wait and release (the copy engine's read floor); MAGIC as in
-// gemv_tc. A stage is SKB k-blocks of 16 rows, warp w taking k-blocks w, w + CW, ... of it.
-template <int CW, int SKB, bool FLOOR, bool MAGIC>
+// FLOOR: the consumers only wait and release (the copy engine's read floor); otherwise codes go
+// into the mma as 136 + v, as in gemv_tc's MAGIC. A stage is SKB k-blocks of 16 rows, warp w
+// taking k-blocks w, w + CW, ... of it.
+template <int CW, int SKB, bool FLOOR>
 __global__ void __launch_bounds__((CW + 1) * 32, 1) gemv_bulk(Args a, int slots) {
   using L = BulkLayout<CW, SKB>;
   extern __shared__ __align__(128) std::uint8_t smem[];
@@ -135,7 +136,7 @@ __global__ void __launch_bounds__((CW + 1) * 32, 1) gemv_bulk(Args a, int slots)
         const std::uint8_t* stage = ring + slot * L::kStageBytes + kl * 64 + 16 * t;
         st.w[0] = *reinterpret_cast<const uint4*>(stage + g * L::kPitch);
         st.w[1] = *reinterpret_cast<const uint4*>(stage + (g + 8) * L::kPitch);
-        compute_tc<MAGIC, 2>(st, xpairs + (slice * SKB + kl) * 16 + 4 * t, acc);
+        compute_tc<true, 2>(st, xpairs + (slice * SKB + kl) * 16 + 4 * t, acc);
         st.sc[0] = next_g;
         st.sc[1] = next_h;
       }
@@ -162,7 +163,7 @@ __global__ void __launch_bounds__((CW + 1) * 32, 1) gemv_bulk(Args a, int slots)
 }
 
 // BLOCKS: resident blocks asked for per multiprocessor; the ring takes the shared memory left.
-template <int CW, int SKB, bool FLOOR, bool MAGIC, int BLOCKS>
+template <int CW, int SKB, bool FLOOR, int BLOCKS>
 void launch_bulk(const Args& a, cudaStream_t s) {
   using L = BulkLayout<CW, SKB>;
   static int sms = 0, smem_limit = 0;
@@ -171,10 +172,10 @@ void launch_bulk(const Args& a, cudaStream_t s) {
     cudaGetDevice(&device);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    cudaFuncSetAttribute(gemv_bulk<CW, SKB, FLOOR, MAGIC>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit);
+    cudaFuncSetAttribute(gemv_bulk<CW, SKB, FLOOR>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit);
   }
   const int budget = smem_limit / BLOCKS - 2048;
   const int slots = min(L::kMaxSlots, (budget - L::ring_offset(a.k)) / L::kStageBytes);
   const int bytes = L::ring_offset(a.k) + slots * L::kStageBytes;
-  gemv_bulk<CW, SKB, FLOOR, MAGIC><<<sms * BLOCKS, (CW + 1) * 32, bytes, s>>>(a, slots);
+  gemv_bulk<CW, SKB, FLOOR><<<sms * BLOCKS, (CW + 1) * 32, bytes, s>>>(a, slots);
 }

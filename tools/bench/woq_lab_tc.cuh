@@ -175,7 +175,7 @@ __device__ __forceinline__ void compute_tc(const TcStage& st, const uint4* xpair
   }
 }
 
-template <int W, bool MAGIC, bool PIPE, int CHAINS, int MINB>
+template <int W, bool PIPE, int CHAINS, int MINB>
 __global__ void __launch_bounds__(W * 32, MINB) gemv_tc1(Args a) {
   extern __shared__ uint4 xsmem[];  // x in pair order, K / 8 vectors
   const int warp = threadIdx.x >> 5, t = threadIdx.x & 3;
@@ -198,19 +198,19 @@ __global__ void __launch_bounds__(W * 32, MINB) gemv_tc1(Args a) {
     if constexpr (PIPE) {
       TcStage next;
       load_tc(next, a, wrow, rown, kb + W, kblocks);
-      compute_tc<MAGIC, CHAINS>(cur, xp, acc);
+      compute_tc<false, CHAINS>(cur, xp, acc);
       cur = next;
     } else {
       if (kb != warp) load_tc(cur, a, wrow, rown, kb, kblocks);
-      compute_tc<MAGIC, CHAINS>(cur, xp, acc);
+      compute_tc<false, CHAINS>(cur, xp, acc);
     }
   }
   store_tile<W>(a, n0, acc);
 }
 
-template <int W, bool MAGIC, bool PIPE, int CHAINS, int MINB>
+template <int W, bool PIPE, int CHAINS, int MINB>
 void launch_tc1(const Args& a, cudaStream_t s) {
-  gemv_tc1<W, MAGIC, PIPE, CHAINS, MINB><<<(a.n + 15) / 16, W * 32, a.k * 2, s>>>(a);
+  gemv_tc1<W, PIPE, CHAINS, MINB><<<(a.n + 15) / 16, W * 32, a.k * 2, s>>>(a);
 }
 
 // Tensor-core M=1 with the weights as the mma's B (8 rows a tile, row g in lanes 4g..4g+3) and
