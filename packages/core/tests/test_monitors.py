@@ -207,8 +207,18 @@ def test_progress_bar_only_on_a_terminal() -> None:
         logger.record(1, loss=1.0, lr=1e-3, samples=8)
         logger.record(2, loss=1.0, lr=1e-3, samples=8)
         logger.close()
-    drawn = os.read(leader, 65536).decode()
+    # A pty hands its output over in pieces; read until the closed follower side reports the end.
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: everything written was read and the follower is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
     os.close(leader)
+    drawn = b"".join(chunks).decode()
     assert "2/4" in drawn
 
 
