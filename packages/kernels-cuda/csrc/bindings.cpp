@@ -110,6 +110,11 @@ PYBIND11_MODULE(_C, m) {
                                 int dtype, Stream s) {
     check(ds::bias_gelu_forward(x, bias, y, rows, hidden, tanh_approx, dtype, s), "bias_gelu_forward");
   });
+  m.def("bias_gelu_backward_partials", [](int64_t rows, int64_t hidden, bool tanh_approx, int dtype) {
+    int partials = 0;
+    check(ds::bias_gelu_backward_partials(rows, hidden, tanh_approx, dtype, &partials), "bias_gelu_backward_partials");
+    return partials;
+  });
   m.def("bias_gelu_backward", [](Ptr dy, Ptr x, Ptr bias, Ptr dx, Ptr dbias_partial, int64_t rows,
                                  int64_t hidden, int num_partials, bool tanh_approx, int dtype, Stream s) {
     check(ds::bias_gelu_backward(dy, x, bias, dx, dbias_partial, rows, hidden, num_partials, tanh_approx,

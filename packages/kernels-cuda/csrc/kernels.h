@@ -95,7 +95,10 @@ const char* swiglu_backward(Ptr dy, Ptr x, Ptr dx, std::int64_t rows, std::int64
 // y = gelu(x + bias); tanh approximation when `tanh_approx`, exact erf otherwise.
 const char* bias_gelu_forward(Ptr x, Ptr bias, Ptr y, std::int64_t rows, std::int64_t hidden,
                               bool tanh_approx, int dtype, std::uintptr_t stream);
-// dx, and per-block partial sums of dbias ([num_partials, hidden] float32).
+// dx, and per-block partial sums of dbias ([num_partials, hidden] float32) for column_sum;
+// bias_gelu_backward_partials gives the num_partials that fills the device in one wave.
+const char* bias_gelu_backward_partials(std::int64_t rows, std::int64_t hidden, bool tanh_approx, int dtype,
+                                        int* partials);
 const char* bias_gelu_backward(Ptr dy, Ptr x, Ptr bias, Ptr dx, Ptr dbias_partial,
                                std::int64_t rows, std::int64_t hidden, int num_partials,
                                bool tanh_approx, int dtype, std::uintptr_t stream);

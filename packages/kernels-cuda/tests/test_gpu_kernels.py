@@ -152,7 +152,7 @@ def test_swiglu_forward_and_backward(dtype: torch.dtype, shape: tuple[int, ...])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 3), (9, 1001), (256, 4096), (4, 3, 8192)])
+@pytest.mark.parametrize("shape", [(1, 3), (9, 1001), (256, 4096), (4, 3, 8192), (3001, 2048)])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_bias_gelu_forward_and_backward(dtype: torch.dtype, shape: tuple[int, ...], approximate: str) -> None:
     x = randn(*shape, dtype=dtype, noncontiguous=shape[0] == 9).requires_grad_()

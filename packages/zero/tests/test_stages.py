@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ds.core.testing import run_distributed
-from ds.core.testing.parity import make_model, reference_run, train_rank
+from ds.core.testing.parity import global_batches, make_model, reference_run, train_rank, train_step
 
 STEPS = 20
 
@@ -71,3 +71,39 @@ def test_mixed_precision_stage_matches_single_process(stage: int, precision: str
     (reference,) = run_distributed(train_rank, 1, single, STEPS)
     for result in run_distributed(train_rank, 2, _config(2, stage, gas=2, clip=1.0, **extra), STEPS):
         _assert_close(result, reference, 2e-2)
+
+
+class _WithUnusedLayer(torch.nn.Module):
+    """The parity model with a layer in the middle of its parameters that forward never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = make_model()
+        self.unused = torch.nn.Linear(8, 8)
+        self.tail = torch.nn.Linear(1, 1)  # used (with a zero gradient): unused is no bucket's edge
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens) + 0 * self.tail.weight.sum()
+
+
+def _train_with_unused_layer(config: dict[str, Any], steps: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    import ds.core
+
+    module = _WithUnusedLayer()
+    before = module.unused.weight.detach().clone()
+    engine, _, _, _ = ds.core.initialize(model=module, config=config)
+    shares_bucket = any(module.unused.weight in g and len(g.params) > 2 for g in engine.partitioner._groups)
+    for batch in global_batches(steps, engine.config.train_batch_size):
+        train_step(engine, batch)
+    return before, engine.partitioner.gather_full_parameters()["unused.weight"], shares_bucket
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_parameter_without_gradient_is_reduced_as_zero(stage: int) -> None:
+    """Gradient buckets are allocated uninitialised; a parameter no gradient reaches must
+    still be reduced as zeros: AdamW then only decays it, ``p * (1 - lr * wd)`` a step."""
+    config = _config(2, stage, gas=2)
+    decay = (1 - 3e-3 * 0.01) ** STEPS
+    for before, after, shares_bucket in run_distributed(_train_with_unused_layer, 2, config, STEPS):
+        assert shares_bucket, "the unused layer should share a gradient bucket with trained parameters"
+        torch.testing.assert_close(after, before * decay, rtol=1e-5, atol=0)

@@ -9,7 +9,6 @@ from torch import Tensor
 
 from ._launch import (
     dense,
-    multiprocessors,
     on_device,
     reference,
     stream,
@@ -18,8 +17,6 @@ from ._launch import (
 from ._native import dtype_code
 
 _APPROXIMATIONS = {"none": False, "tanh": True}
-_TILE_VECTORS = 32  # columns of a bias_gelu_backward block, in vectors (csrc/activations.cu)
-_BLOCKS_PER_SM = 3  # bias_gelu_backward blocks resident per multiprocessor (about 80 registers a thread)
 
 
 def swiglu(ext: ModuleType, x: Tensor) -> Tensor:
@@ -76,14 +73,11 @@ def bias_gelu_backward(ext: ModuleType, grad_output: Tensor, x: Tensor, bias: Te
     rows = x2.shape[0]
     dx = torch.empty_like(x2)
     dbias = torch.empty_like(bias)
-    # One wave of _BLOCKS_PER_SM blocks per multiprocessor: each block owns a tile of 32
-    # vectors of columns and every gridDim.y-th group of rows, and writes one partial row.
-    vector = 16 // x.element_size() if hidden % (16 // x.element_size()) == 0 else 1
-    column_blocks = -(-hidden // (vector * _TILE_VECTORS))
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    partials = max(1, min(rows, 65535, multiprocessors(index) * _BLOCKS_PER_SM // column_blocks))
-    dbias_partial = torch.empty(partials, hidden, dtype=torch.float32, device=x.device)
+    # One wave of blocks, each owning a tile of columns and every gridDim.y-th group of rows,
+    # and each writing one partial row of dbias.
     with on_device(x):
+        partials = ext.bias_gelu_backward_partials(rows, hidden, _APPROXIMATIONS[approximate], dtype_code(x.dtype))
+        dbias_partial = torch.empty(partials, hidden, dtype=torch.float32, device=x.device)
         s = stream()
         ext.bias_gelu_backward(g2.data_ptr(), x2.data_ptr(), bias.data_ptr(), dx.data_ptr(), dbias_partial.data_ptr(),
                                rows, hidden, partials, _APPROXIMATIONS[approximate], dtype_code(x.dtype), s)
