@@ -31,13 +31,17 @@ STAGED=(pluggy "pydantic>=2.6" "pyyaml>=6" safetensors pytest pytest-timeout hat
 # DeepSpeed's own requirements (its wheel's Requires-Dist, less torch, numpy, packaging, pydantic, psutil).
 PEER_DEPS=(hjson py-cpuinfo msgpack einops ninja tqdm)
 
+# Binary wheels for the GPU machine's Python into folder $1.
+download_for_gpu() {
+    local dest=$1; shift
+    python3 -m pip download --quiet --dest "$dest" --only-binary=:all: --python-version "$GPU_PYTHON" \
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform any "$@"
+}
+
 stage() {
-    python3 -m pip download --quiet --dest .whl/gpu --only-binary=:all: \
-        --python-version "$GPU_PYTHON" --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-        --platform any "${STAGED[@]}" || return 1
-    python3 -m pip download --quiet --dest .whl/bench --only-binary=:all: \
-        --python-version "$GPU_PYTHON" --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-        --platform manylinux_2_17_x86_64 --platform any "${PEER_DEPS[@]}" || return 1
+    download_for_gpu .whl/gpu "${STAGED[@]}" || return 1
+    download_for_gpu .whl/bench "${PEER_DEPS[@]}" || return 1
     if ! ls .whl/bench/deepspeed-*.whl > /dev/null 2>&1; then
         DS_BUILD_OPS=0 python3 -m pip wheel --quiet --no-deps --no-binary deepspeed -w .whl/bench deepspeed==0.19.8 \
             || return 1

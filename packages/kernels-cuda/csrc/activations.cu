@@ -8,6 +8,8 @@
 // block; column_sum (norms.cu) adds those few partial rows, so dx is never re-read. GeLU's
 // derivative is rebuilt in float32 from one exponential: the tanh form through a sigmoid,
 // the erf form with the Abramowitz-Stegun 7.1.26 erf (absolute error below 1.5e-7).
+#include <algorithm>
+
 #include "dtypes.h"
 #include "kernels.h"
 
@@ -218,8 +220,7 @@ const char* bias_gelu_backward_grid(std::int64_t rows, std::int64_t hidden, bool
   }
   const std::int64_t row_groups = (rows + kRowLanes - 1) / kRowLanes;
   const std::int64_t per_tile = resident / column_tiles<VEC>(hidden);
-  const std::int64_t most = row_groups < kMaxGridY ? row_groups : kMaxGridY;
-  *partials = static_cast<int>(per_tile < 1 ? 1 : (per_tile < most ? per_tile : (most < 1 ? 1 : most)));
+  *partials = static_cast<int>(std::max<std::int64_t>(1, std::min({per_tile, row_groups, kMaxGridY})));
   return nullptr;
 }
 
