@@ -91,7 +91,7 @@ class _BucketState:
     ``full_grad`` is allocated uninitialised: a parameter's first gradient is copied into
     its view and later ones added, and views no gradient reached are zeroed just before the
     reduction. Zero-filling the bucket and adding every gradient to it moved twice the bytes
-    per gradient element (a full-model write and two reads more per backward).
+    per gradient element (a model-sized write and read more per backward).
     """
 
     def __init__(self, group: FlatGroup, reduce_dtype: torch.dtype, *, persistent_full: bool) -> None:
