@@ -137,7 +137,11 @@ class _BucketState:
     def release(self) -> None:
         self.ready = 0
         self.launched = False
-        self.full_grad, self.shard_grad, self.views, self.written = None, None, [], []
+        self.shard_grad = None
+        self.drop_full()
+
+    def drop_full(self) -> None:
+        self.full_grad, self.views, self.written = None, [], []
 
 
 class ShardedOptimizerPartitioner(Partitioner):
@@ -251,7 +255,7 @@ class ShardedOptimizerPartitioner(Partitioner):
             else:
                 bucket.shard_grad.add_(scratch)
         if not bucket.persistent_full:
-            bucket.full_grad, bucket.views, bucket.written = None, [], []
+            bucket.drop_full()
 
     def set_gradient_sync(self, enabled: bool) -> None:
         # Stage 2 reduces every micro-step; finish the previous micro-step's reductions
