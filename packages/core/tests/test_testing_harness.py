@@ -20,16 +20,37 @@ def rank_sum(scale: int) -> tuple[int, float]:
     return dist.get_rank(), scale * value.item()
 
 
-def fails_once(folder: str, message: str) -> int:
-    """Raises ``message`` on each rank's first attempt (a file per rank and attempt counts them)."""
+def fails_on_first_attempt(folder: str, message: str) -> int:
+    """Raises ``message`` in the first attempt only, and leaves a file per attempt that ran.
+
+    An attempt is named by its rendezvous port (each attempt takes a new one). The first
+    rank to start writes the port of the first attempt to ``first-port``; a rank the harness
+    killed before it got there leaves no trace, so the test counts attempts, not ranks.
+    """
     import os
 
-    rank = int(os.environ["RANK"])
-    attempts = len(list(Path(folder).glob(f"rank{rank}-*")))
-    (Path(folder) / f"rank{rank}-{attempts}").touch()
-    if attempts == 0:
+    port = os.environ["MASTER_PORT"]
+    (Path(folder) / f"attempt-{port}").touch()
+    try:
+        with open(Path(folder) / "first-port", "x") as first:
+            first.write(port)
+    except FileExistsError:
+        pass
+    # Empty: the other rank of the first attempt has created the file and not yet written it.
+    if (Path(folder) / "first-port").read_text() in ("", port):
         raise RuntimeError(message)
-    return rank
+    return int(os.environ["RANK"])
+
+
+def always_fails(folder: str, message: str) -> int:
+    import os
+
+    (Path(folder) / f"attempt-{os.environ['MASTER_PORT']}").touch()
+    raise RuntimeError(message)
+
+
+def attempts(folder: Path) -> int:
+    return len(list(folder.glob("attempt-*")))
 
 
 def test_results_come_back_by_rank() -> None:
@@ -38,11 +59,11 @@ def test_results_come_back_by_rank() -> None:
 
 def test_a_broken_gloo_mesh_is_retried(tmp_path: Path) -> None:
     message = "Gloo connectFullMesh failed with [pair.cc:553] Connection closed by peer [127.0.0.1]:52449"
-    assert run_distributed(fails_once, 2, str(tmp_path), message) == [0, 1]
-    assert len(list(tmp_path.glob("rank0-*"))) == 2
+    assert run_distributed(fails_on_first_attempt, 2, str(tmp_path), message) == [0, 1]
+    assert attempts(tmp_path) == 2
 
 
 def test_a_failure_of_the_function_is_not_retried(tmp_path: Path) -> None:
     with pytest.raises(DistributedTestFailure, match=r"(?s)rank \d failed:.*the function's own error"):
-        run_distributed(fails_once, 2, str(tmp_path), "the function's own error")
-    assert len(list(tmp_path.glob("rank0-*"))) == 1
+        run_distributed(always_fails, 2, str(tmp_path), "the function's own error")
+    assert attempts(tmp_path) == 1
