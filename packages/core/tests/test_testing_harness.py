@@ -67,3 +67,16 @@ def test_a_failure_of_the_function_is_not_retried(tmp_path: Path) -> None:
     with pytest.raises(DistributedTestFailure, match=r"(?s)rank \d failed:.*the function's own error"):
         run_distributed(always_fails, 2, str(tmp_path), "the function's own error")
     assert attempts(tmp_path) == 1
+
+
+def environment_variable(name: str) -> str | None:
+    import os
+
+    return os.environ.get(name)
+
+
+def test_ranks_see_the_callers_environment_at_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The ranks fork from a server started by the first call; a variable set after it must still arrive.
+    assert run_distributed(environment_variable, 2, "DS_HARNESS_PROBE") == [None, None]
+    monkeypatch.setenv("DS_HARNESS_PROBE", "set after the first call")
+    assert run_distributed(environment_variable, 2, "DS_HARNESS_PROBE") == ["set after the first call"] * 2
