@@ -3,6 +3,7 @@ only for failures of process-group setup (a busy port, a gloo mesh cut while it 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,6 @@ def fails_on_first_attempt(folder: str, message: str) -> int:
     rank to start writes the port of the first attempt to ``first-port``; a rank the harness
     killed before it got there leaves no trace, so the test counts attempts, not ranks.
     """
-    import os
-
     port = os.environ["MASTER_PORT"]
     (Path(folder) / f"attempt-{port}").touch()
     try:
@@ -43,8 +42,6 @@ def fails_on_first_attempt(folder: str, message: str) -> int:
 
 
 def always_fails(folder: str, message: str) -> int:
-    import os
-
     (Path(folder) / f"attempt-{os.environ['MASTER_PORT']}").touch()
     raise RuntimeError(message)
 
@@ -70,8 +67,6 @@ def test_a_failure_of_the_function_is_not_retried(tmp_path: Path) -> None:
 
 
 def environment_variable(name: str) -> str | None:
-    import os
-
     return os.environ.get(name)
 
 
