@@ -66,8 +66,13 @@ def third_party_requirements(names: list[str]) -> list[str]:
 
 
 def install_torch(session: nox.Session) -> None:
-    """The pinned CPU-or-CUDA torch this machine's pip finds first; .pyc are written on import."""
+    """The pinned CPU-or-CUDA torch this machine's pip finds first, not compiled at install
+    (most of its modules are never imported): .pyc are written on import instead, even where
+    PYTHONDONTWRITEBYTECODE is set (it is on CI's machine). Without them each of the hundreds
+    of processes the tests start compiles torch, sympy and ds from source again: 3-6 s a process.
+    """
     session.install("--no-compile", TORCH)
+    session.env["PYTHONDONTWRITEBYTECODE"] = ""
 
 
 def install_packages(session: nox.Session, names: list[str]) -> None:
