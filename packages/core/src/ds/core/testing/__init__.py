@@ -110,8 +110,7 @@ def _start_context() -> Any:
     instead of the 2-3 s of a spawned interpreter importing torch, which dominated the
     multi-process tests. The server is started once per calling process, by the first
     call, and only imports: it has run no torch code and joined no process group when it
-    forks.
-    Environment variables torch reads at import take the values they had at that start.
+    forks. Environment variables torch reads at import take the values they had at that start.
     """
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch.distributed"])
