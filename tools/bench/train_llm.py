@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node N tools/bench/train_llm.py --mode ds-zero3 --micro-batch 4 --out r.jsonl
         [--model 1.3b|6.7b|13b|tiny] [--compile] [--activation-checkpointing] [--grad-accum K]
-        [--nvme-path DIR] [--device cuda|cpu]
+        [--nvme-path DIR] [--device cuda|cpu] [--profile-steps N]
 
 One process group per run, one mode per run (so peak memory is the mode's own). The model
 is Hugging Face's ``LlamaForCausalLM`` built from a preset (``--hidden`` & co. override
@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from step_profile import profile_steps
 from train_llm_model import (
     PRESETS,
     build_model,
@@ -72,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="cap each rank's GPU memory (e.g. 79 shows an 80 GB H100's fit on a larger card)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps")
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="profile this many steps after the timed ones (CUDA): see step_profile.py")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.device == "cpu" and MODES[args.mode].needs_deepspeed:
@@ -155,6 +158,11 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     final_loss = loss.item()  # waits for the last step on every device
     dist.barrier()
     elapsed = _reduce(time.perf_counter() - started, device, dist.ReduceOp.MAX)
+    profile = None
+    if args.profile_steps and device.type == "cuda":
+        folder = args.out.parent / "profiles" / f"{args.mode}-{dist.get_world_size()}gpu-mb{args.micro_batch}"
+        profile = profile_steps(lambda: train(window), args.profile_steps, folder, dist.get_rank())
+        profile = {key: value for key, value in profile.items() if not isinstance(value, (dict, list))}
 
     tokens_per_gpu = args.micro_batch * args.grad_accum * shape.seq * args.steps / elapsed
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -172,6 +180,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "host_peak_gib": _reduce(host_peak_bytes(), device, dist.ReduceOp.SUM) / GIB,
         "step_s": elapsed / args.steps,
         "final_loss": final_loss,
+        "profile": profile,
         "params": n_params,
         "matmul_params": n_matmul,
         "gpu": name,
@@ -194,6 +203,7 @@ def describe(args: argparse.Namespace) -> dict[str, Any]:
         "gpu_memory_cap_gib": args.gpu_memory_gib,
         "warmup": args.warmup,
         "steps": args.steps,
+        "profile_steps": args.profile_steps,
         "host_ram_gib": host_ram_bytes() / GIB,
         "torch": torch.__version__,
         "date": date.today().isoformat(),
