@@ -86,10 +86,10 @@ def run_distributed(
     """Run ``fn(*args)`` on ``world_size`` fresh processes and return results by rank.
 
     ``fn`` must be importable by name (a module-level function): processes are forked from
-    a server process that has imported torch and nothing else (see :func:`_start_context`),
-    not from the caller, whose torch threads and distributed state a child must not
-    inherit. Each rank sees the caller's environment as it is at this call, plus ``env``.
-    Raises :class:`DistributedTestFailure` if any rank fails or the
+    a server process that has imported some torch modules and nothing else (see
+    :func:`_start_context`), not from the caller, whose torch threads and distributed state
+    a child must not inherit. Each rank sees the caller's environment as it is at this
+    call, plus ``env``. Raises :class:`DistributedTestFailure` if any rank fails or the
     run exceeds ``timeout`` seconds. The rendezvous port is free when chosen but another
     process can take it before rank 0 listens, and on a loaded machine gloo's mesh of
     loopback connections can be cut while it forms; a run that failed in either way is
@@ -105,15 +105,32 @@ def run_distributed(
     raise AssertionError("unreachable")
 
 
+_SERVER_PRELOAD = ("torch", "torch.distributed", "torch.distributed.tensor", "torch._dynamo")
+"""What the fork server imports before it forks the first rank (see :func:`_start_context`)."""
+
+
 def _start_context() -> Any:
-    """Processes forked from a server that has imported torch: about 0.1 s a rank to start
-    instead of the 2-3 s of a spawned interpreter importing torch, which dominated the
-    multi-process tests. The server is started once per calling process, by the first
-    call, and only imports: it has run no torch code and joined no process group when it
-    forks. Environment variables torch reads at import take the values they had at that start.
+    """Processes forked from a server that has imported ``_SERVER_PRELOAD``: about 0.1 s
+    a rank to start instead of the 2-3 s of a spawned interpreter importing torch, which
+    dominated the multi-process tests. Each module is one that nearly every rank would
+    otherwise import for itself:
+
+    - ``torch``: about 1.5 s;
+    - ``torch.distributed``: every rank joins a process group;
+    - ``torch.distributed.tensor``: ds.core.state_names imports it, so every rank that
+      imports ds.core's engine or a ZeRO stage does; it pulls in sympy, about 0.7 s;
+    - ``torch._dynamo``: imported by the first ``torch.optim`` optimizer a process builds
+      (its methods are wrapped by ``torch._disable_dynamo``), about 0.7 s.
+
+    ds's own modules are left out: tests edit and reinstall them, and a server started
+    before that would hand the ranks stale copies. The server is started once per calling
+    process, by the first call, and only imports: none of these modules starts a thread or
+    registers a fork handler when imported, and the server has run no torch code and joined
+    no process group when it forks. Environment variables these modules read at import take
+    the values they had at that start.
     """
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed"])
+    ctx.set_forkserver_preload(list(_SERVER_PRELOAD))
     return ctx
 
 
@@ -138,9 +155,7 @@ def _run_once(
                 rank, ok, value = results.get(timeout=timeout)
             except queue.Empty as exc:
                 missing = sorted(set(range(world_size)) - set(collected))
-                raise DistributedTestFailure(
-                    f"ranks {missing} did not finish within {timeout:.0f}s"
-                ) from exc
+                raise DistributedTestFailure(f"ranks {missing} did not finish within {timeout:.0f}s") from exc
             if ok:
                 collected[rank] = pickle.loads(value)
             else:
