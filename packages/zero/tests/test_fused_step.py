@@ -9,11 +9,13 @@ fp32 within 1e-6 relative; in bf16 and fp16 within 1e-3 (the same float32 arithm
 only the order of a few roundings into 16-bit weights differs). In fp32 the fused run
 also matches plain torch on the whole global batch in one process (1e-5, as
 test_stages.py). On CPU the fused step runs the op's torch reference, which the CUDA
-kernel is tested against.
+kernel is tested against. With ``reduce_bucket_size`` 700 the model has several buckets, so
+the fused step runs in its two phases (the first buckets of the forward, then the rest).
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,6 +23,7 @@ import torch
 
 from ds.core.testing import run_distributed
 from ds.core.testing.parity import global_batches, make_model, reference_run, train_step
+from ds.zero.stage12 import _step_phases
 
 STEPS = 8
 ADAM = {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.01}
@@ -81,3 +84,13 @@ def test_fused_step_matches_the_generic_one(stage: int, precision: str) -> None:
             torch.testing.assert_close(torch.tensor(losses), torch.tensor(single[0]), rtol=1e-5, atol=5e-7)
             for name, ref in single[1].items():
                 torch.testing.assert_close(params[name], ref, rtol=1e-5, atol=5e-7, msg=name)
+
+
+def test_the_step_updates_and_gathers_the_forwards_first_buckets_first() -> None:
+    groups: Any = [SimpleNamespace(numel=n) for n in [10] * 14 + [30, 5]]  # cut in backward order
+    early, rest = _step_phases(groups, split=True)
+    assert early == [15, 14]  # the forward's first two buckets hold 35 of 175 elements, over an eighth
+    assert rest == list(range(13, -1, -1))
+    assert _step_phases(groups, split=False) == [list(range(15, -1, -1))]
+    assert _step_phases(groups[:1], split=True) == [[0]]
+    assert _step_phases([SimpleNamespace(numel=100), SimpleNamespace(numel=1)], split=True) == [[1], [0]]

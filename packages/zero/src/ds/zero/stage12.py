@@ -11,8 +11,8 @@ parameter communication. Per bucket (:class:`~ds.zero.flat_group.FlatGroup`):
 
 After the optimizer updates this rank's fp32 master slice, one all-gather per bucket
 refreshes everybody's compute-dtype parameters; with ``overlap_comm`` (the default) those
-gathers run behind the next forward, each block waiting only for its own buckets
-(:mod:`ds.zero.refresh_waits`), and the reduce-scatters behind backward. ``overlap_comm:
+gathers run behind the rest of the update and the next forward, each block waiting only
+for its own buckets (:mod:`ds.zero.refresh_waits`), and the reduce-scatters behind backward. ``overlap_comm:
 false`` finishes every reduction in its gradient hook and every gather inside ``step``.
 With ``offload_optimizer`` the master slices, reduced gradients and optimizer state live
 on the CPU (:mod:`ds.zero.offload`). ZeRO++'s qgZ and qwZ replace the reduce-scatter and
@@ -74,6 +74,9 @@ if TYPE_CHECKING:
 
 
 MAX_REDUCTIONS_IN_FLIGHT = 2
+# The fused step updates this share of the parameters, the buckets the next forward needs
+# first, before the rest, so their all-gathers run behind the rest of the update.
+EARLY_UPDATE_SHARE = 1 / 8
 
 
 class _BucketState:
@@ -200,6 +203,7 @@ class ShardedOptimizerPartitioner(Partitioner):
         # The optimizer's parameter order as bucket indices, for the fused step's lists.
         bucket_of_master = {id(g.master): i for i, g in enumerate(self._groups)}
         self._step_order = [bucket_of_master[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        self._step_phases = _step_phases(self._groups, split=self._fused and zero.overlap_comm)
         self._segments = [s for g in self._groups for s in g.segments]
         self.gradient_norm_group = self._group
         for _, param in named:
@@ -293,7 +297,10 @@ class ShardedOptimizerPartitioner(Partitioner):
         for group in self._groups:
             group.wait_for_refresh()  # two steps without a forward between them
         if self._fused:
-            self._fused_step(grad_scale)
+            # Each phase's gathers start as soon as its update is done (see _step_phases).
+            for phase in self._step_phases:
+                self._fused_step(phase, grad_scale)
+                self._refresh_parameters(phase, wait=False)
         else:
             scale_gradients(self.owned_gradients(), grad_scale)
             if self._host is None:
@@ -302,29 +309,32 @@ class ShardedOptimizerPartitioner(Partitioner):
                     group.refresh_owned_slice()
             else:
                 self._host.step(self.optimizer)
-        self._refresh_parameters(wait=not self._overlap)
+            self._refresh_parameters(self._step_phases[0], wait=False)
+        if not self._overlap:
+            for group in self._groups:
+                group.wait_for_refresh()
 
-    def _fused_step(self, grad_scale: float) -> None:
+    def _fused_step(self, phase: list[int], grad_scale: float) -> None:
         optimizer = self.optimizer
         assert isinstance(optimizer, FusedAdam)  # self._fused
+        stepped = set(phase)
         optimizer.step(
-            gradients=[self._buckets[i].shard_grad for i in self._step_order],
+            gradients=[self._buckets[i].shard_grad if i in stepped else None for i in self._step_order],
             low_precision_copies=[self._groups[i].owned_slice for i in self._step_order],
             grad_scale=grad_scale,
         )
 
-    def _refresh_parameters(self, *, wait: bool) -> None:
-        """All-gather every group's full parameters from the owned slices, in place.
+    def _refresh_parameters(self, groups: list[int], *, wait: bool) -> None:
+        """All-gather the full parameters of ``groups`` (indices, in order) from the owned slices, in place.
 
         Without ``wait`` the gathers stay in flight; readers of ``full`` wait per group.
-        Groups were cut in backward order, so they are gathered in reverse: the buckets of
-        the first layers the next forward runs arrive first.
         """
-        for group in reversed(self._groups):
+        for index in groups:
+            group = self._groups[index]
             group.refresh_launched(self._all_gather(group.full, group.owned_slice, group=self._group, async_op=True))
         if wait:
-            for group in self._groups:
-                group.wait_for_refresh()
+            for index in groups:
+                self._groups[index].wait_for_refresh()
 
     def zero_grad(self) -> None:
         for bucket in self._buckets:
@@ -345,7 +355,7 @@ class ShardedOptimizerPartitioner(Partitioner):
         for group in self._groups:
             group.wait_for_refresh()
             group.refresh_owned_slice()
-        self._refresh_parameters(wait=True)
+        self._refresh_parameters(list(range(len(self._groups))), wait=True)
 
     def gather_full_parameters(self) -> dict[str, torch.Tensor]:
         result = {}
@@ -366,3 +376,24 @@ class ShardedOptimizerPartitioner(Partitioner):
         grads = sum(nbytes(b.full_grad) + (0 if b.persistent_full else nbytes(b.shard_grad)) for b in self._buckets)
         state = sum(nbytes(v) for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
         return {"params": params, "gradients": grads, "optimizer": state}
+
+
+def _step_phases(groups: list[FlatGroup], *, split: bool) -> list[list[int]]:
+    """Group indices in the order the step updates and gathers them, in one or two phases.
+
+    Groups were cut in backward order, so the next forward needs them in reverse. Gathered
+    after the whole update, the buckets of the embedding and first layer arrive only after
+    it, and the forward waits for them (about 1.6 ms a step for a 1.3B model on two GPUs).
+    Split, the fused step first updates the groups holding the first ``EARLY_UPDATE_SHARE``
+    of the parameters in forward order and starts their gathers, which then run behind the
+    update of the rest.
+    """
+    forward_order = list(reversed(range(len(groups))))
+    if not split or len(groups) < 2:
+        return [forward_order]
+    early_numel = EARLY_UPDATE_SHARE * sum(g.numel for g in groups)
+    count, covered = 0, 0
+    while covered < early_numel and count < len(groups) - 1:
+        covered += groups[forward_order[count]].numel
+        count += 1
+    return [forward_order[:count], forward_order[count:]]
