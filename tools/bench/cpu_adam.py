@@ -2,8 +2,13 @@
 
 Adam on a CPU is memory-bound: every step reads the fp32 parameter, gradient and both
 moments and writes three of them back (28 bytes per parameter, 30 with a bf16 copy). So
-besides parameters updated per second this reports bytes moved per second against the
-bandwidth of a plain 1 GB tensor copy measured on the same machine in the same run.
+besides parameters updated per second this reports bytes moved per second against two
+references from the same run. A 1 GB tensor copy understates what the memory system gives
+Adam (a copy's destination lines are fetched before being overwritten, traffic its count
+leaves out; Adam writes back lines it has just read): Adam kernels show 1.5x its GB/s. The
+ceiling row (cpu_adam_ceiling.py) is one fused OpenMP pass over the same buffers with Adam's
+reads and writes and only an add per element, interleaved like every implementation: no
+Adam moving 28 bytes per parameter can be faster here, so "ours / ceiling" is the share won.
 
 Parameters come as tensors of ``--tensor-elements`` (10M by default, like a model's
 large weight matrices), ``--sizes`` in total. Every in-process implementation updates
@@ -50,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cpu_adam_ceiling import AdamTrafficCeiling
 
 from ds.zero import CPUAdam
 from ds.zero._native import available_isas, native_extension
@@ -60,6 +66,7 @@ BYTES_PER_COPY = 2  # the bf16 copy written in the same pass
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-8, 0.01
 
 REEXEC_ENV = "DS_BENCH_CPU_ADAM_REEXEC"
+CEILING = "Adam's reads and writes, no arithmetic (ceiling)"
 
 
 def _deepspeed_cpu_adam() -> Callable[..., torch.optim.Optimizer] | None:
@@ -99,8 +106,7 @@ def _shared_state(optimizer: torch.optim.Optimizer, moments: Moments) -> None:
     """Point every parameter's state at the shared moment buffers (no extra memory)."""
     params = optimizer.param_groups[0]["params"]
     for param, (exp_avg, exp_avg_sq) in zip(params, moments, strict=True):
-        optimizer.state[param] = {"step": torch.tensor(0.0), "exp_avg": exp_avg,
-                                  "exp_avg_sq": exp_avg_sq}
+        optimizer.state[param] = {"step": torch.tensor(0.0), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
 
 def memory_copy_bandwidth(repeats: int = 10) -> float:
@@ -128,9 +134,9 @@ def _tensor_sizes(total: int, per_tensor: int) -> list[int]:
     return sizes + ([total % per_tensor] if total % per_tensor else [])
 
 
-def bench_size(total: int, per_tensor: int, rounds: int,
-               deepspeed: Callable[..., torch.optim.Optimizer] | None,
-               isas: list[str]) -> dict:
+def bench_size(
+    total: int, per_tensor: int, rounds: int, deepspeed: Callable[..., torch.optim.Optimizer] | None, isas: list[str]
+) -> dict:
     """Time every contender on ``total`` parameters, interleaved over ``rounds`` rounds."""
     sizes = _tensor_sizes(total, per_tensor)
     params = [torch.randn(n).requires_grad_() for n in sizes]
@@ -141,29 +147,36 @@ def bench_size(total: int, per_tensor: int, rounds: int,
     copies = [torch.empty(n, dtype=torch.bfloat16) for n in sizes]
     hyper: dict[str, Any] = {"lr": LR, "betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY}
 
-    contenders = []
+    contenders = [Contender(CEILING, AdamTrafficCeiling(params, grads, moments).run, BYTES_PER_PARAM)]
     for isa in isas:
         ours = CPUAdam(params, **hyper, isa=isa)
         _shared_state(ours, moments)
         contenders.append(Contender(f"ds CPUAdam [{isa}]", _timed(ours.step), BYTES_PER_PARAM))
-        contenders.append(Contender(
-            f"ds CPUAdam [{isa}] + bf16 copy (fused)",
-            _timed(functools.partial(ours.step, low_precision_params=copies)),
-            BYTES_PER_PARAM + BYTES_PER_COPY))
+        contenders.append(
+            Contender(
+                f"ds CPUAdam [{isa}] + bf16 copy (fused)",
+                _timed(functools.partial(ours.step, low_precision_params=copies)),
+                BYTES_PER_PARAM + BYTES_PER_COPY,
+            )
+        )
     # ZeRO-Offload's own layout: gradients arrive from the accelerator in bf16 (half the
     # PCIe traffic) and the bf16 copy goes back, so a step moves 28 bytes per parameter.
     bf16_grads = [grad.to(torch.bfloat16) for grad in grads]
 
     def offload_step(isa: str = isas[0]) -> None:
-        scalars = AdamScalars.for_step(step=1, lr=LR, betas=BETAS, eps=EPS,
-                                       weight_decay=WEIGHT_DECAY, decoupled_weight_decay=True)
-        for p, grad, (exp_avg, exp_avg_sq), copy in zip(params, bf16_grads, moments, copies,
-                                                        strict=True):
-            adam_update_(p.detach(), grad, exp_avg, exp_avg_sq, scalars, isa=isa,
-                         low_precision_param=copy)
+        scalars = AdamScalars.for_step(
+            step=1, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, decoupled_weight_decay=True
+        )
+        for p, grad, (exp_avg, exp_avg_sq), copy in zip(params, bf16_grads, moments, copies, strict=True):
+            adam_update_(p.detach(), grad, exp_avg, exp_avg_sq, scalars, isa=isa, low_precision_param=copy)
 
-    contenders.append(Contender(f"ds adam_update_ [{isas[0]}], bf16 grads + bf16 copy",
-                                _timed(offload_step), BYTES_PER_PARAM - 2 + BYTES_PER_COPY))
+    contenders.append(
+        Contender(
+            f"ds adam_update_ [{isas[0]}], bf16 grads + bf16 copy",
+            _timed(offload_step),
+            BYTES_PER_PARAM - 2 + BYTES_PER_COPY,
+        )
+    )
     fused = torch.optim.AdamW(params, **hyper, fused=True)
     _shared_state(fused, moments)
     foreach = torch.optim.AdamW(params, **hyper, foreach=True)
@@ -176,8 +189,7 @@ def bench_size(total: int, per_tensor: int, rounds: int,
 
     contenders += [
         Contender("torch AdamW fused", _timed(fused.step), BYTES_PER_PARAM),
-        Contender("torch AdamW fused + bf16 copy", _timed(fused_then_copy),
-                  BYTES_PER_PARAM + BYTES_PER_COPY),
+        Contender("torch AdamW fused + bf16 copy", _timed(fused_then_copy), BYTES_PER_PARAM + BYTES_PER_COPY),
         Contender("torch AdamW foreach", _timed(foreach.step), BYTES_PER_PARAM),
     ]
     if deepspeed is not None:
@@ -191,8 +203,7 @@ def bench_size(total: int, per_tensor: int, rounds: int,
 
         contenders += [
             Contender("DeepSpeedCPUAdam", _timed(theirs.step), BYTES_PER_PARAM),
-            Contender("DeepSpeedCPUAdam + bf16 copy", _timed(deepspeed_then_copy),
-                      BYTES_PER_PARAM + BYTES_PER_COPY),
+            Contender("DeepSpeedCPUAdam + bf16 copy", _timed(deepspeed_then_copy), BYTES_PER_PARAM + BYTES_PER_COPY),
         ]
 
     steps = max(1, round(3e8 / total))
@@ -218,8 +229,7 @@ def bench_size(total: int, per_tensor: int, rounds: int,
             "gbytes_per_s_best": total * c.bytes_per_param / best / 1e9,
             "bytes_per_param": c.bytes_per_param,
         }
-    return {"total_params": total, "tensors": len(sizes), "steps_per_round": steps,
-            "rounds": rounds, "results": rows}
+    return {"total_params": total, "tensors": len(sizes), "steps_per_round": steps, "rounds": rounds, "results": rows}
 
 
 def _ratios(size: dict, isa: str, metric: str) -> dict[str, float]:
@@ -229,18 +239,19 @@ def _ratios(size: dict, isa: str, metric: str) -> dict[str, float]:
         return float(rows[name][metric])
 
     ours, ours_copy = rate(f"ds CPUAdam [{isa}]"), rate(f"ds CPUAdam [{isa}] + bf16 copy (fused)")
+    offload, fused = rate(f"ds adam_update_ [{isa}], bf16 grads + bf16 copy"), rate("torch AdamW fused")
     ratios = {
-        "ours / torch fused": ours / rate("torch AdamW fused"),
-        "ours+bf16 copy / torch fused (no copy)": ours_copy / rate("torch AdamW fused"),
+        "ceiling / torch fused": rate(CEILING) / fused,
+        "ours / ceiling": ours / rate(CEILING),
+        "ours / torch fused": ours / fused,
+        "ours+bf16 copy / torch fused (no copy)": ours_copy / fused,
         "ours+bf16 copy / torch fused + copy": ours_copy / rate("torch AdamW fused + bf16 copy"),
-        "ours, bf16 grads + bf16 copy / torch fused (fp32 grads, no copy)":
-            rate(f"ds adam_update_ [{isa}], bf16 grads + bf16 copy") / rate("torch AdamW fused"),
+        "ours, bf16 grads + bf16 copy / torch fused (fp32 grads, no copy)": offload / fused,
         "ours / torch foreach": ours / rate("torch AdamW foreach"),
     }
     if "DeepSpeedCPUAdam" in rows:
         ratios["ours / DeepSpeedCPUAdam"] = ours / rate("DeepSpeedCPUAdam")
-        ratios["ours+bf16 copy / DeepSpeedCPUAdam + copy"] = (
-            ours_copy / rate("DeepSpeedCPUAdam + bf16 copy"))
+        ratios["ours+bf16 copy / DeepSpeedCPUAdam + copy"] = ours_copy / rate("DeepSpeedCPUAdam + bf16 copy")
     return ratios
 
 
@@ -276,14 +287,14 @@ def render_markdown(report: dict) -> str:
         f"- Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}",
         f"- ds CPUAdam path: {isa} ({report['omp_threads']} OpenMP threads); paths on this CPU: "
         f"{', '.join(report['available_isas'])}",
-        "- Memory bandwidth, 1 GB tensor copy (read+write): "
-        f"{report['copy_gbytes_per_s']:.1f} GB/s",
+        f"- Memory bandwidth, 1 GB tensor copy (read+write): {report['copy_gbytes_per_s']:.1f} GB/s",
         f"- AdamW, lr {LR}, weight decay {WEIGHT_DECAY}; fp32 params in tensors of "
         f"{report['tensor_elements'] / 1e6:.0f}M elements; {report['rounds']} interleaved rounds. "
         "Wall clock: best round (median in brackets). Per CPU-second: parameters updated per "
         "second of process CPU time (all threads, memory stalls included), median round; "
         "stable under load. Bytes moved: 28 per parameter, 30 with the bf16 copy, 28 with bf16 "
-        "gradients and the bf16 copy.",
+        "gradients and the bf16 copy. The ceiling row is one fused pass with Adam's reads and writes "
+        "(28 bytes per parameter) and an add per element; vs ceiling compares GB/s moved.",
         "",
     ]
     for size in report["sizes"]:
@@ -291,18 +302,23 @@ def render_markdown(report: dict) -> str:
             f"## {size['total_params'] / 1e6:.0f}M parameters ({size['tensors']} tensors)",
             "",
             "| implementation | M params/s, wall | M params per CPU-second | GB/s moved (wall) "
-            "| vs 1 GB copy | ms/step |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            "| vs 1 GB copy | vs ceiling | ms/step |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
+        ceiling = size["results"][CEILING]["gbytes_per_s_best"]
         for name, row in size["results"].items():
             share = 100 * row["gbytes_per_s_best"] / report["copy_gbytes_per_s"]
             lines.append(
                 f"| {name} | {row['mparams_per_s_best']:.0f} ({row['mparams_per_s_median']:.0f}) "
                 f"| {row['mparams_per_cpu_s']:.0f} | {row['gbytes_per_s_best']:.1f} "
-                f"| {share:.0f}% | {1e3 * row['seconds_per_step_best']:.1f} |")
+                f"| {share:.0f}% | {100 * row['gbytes_per_s_best'] / ceiling:.0f}% "
+                f"| {1e3 * row['seconds_per_step_best']:.1f} |"
+            )
         lines += ["", "| ratio | wall, best | per CPU-second |", "| --- | ---: | ---: |"]
-        lines += [f"| {name} | {value:.2f}x | {size['ratios_cpu_time'][name]:.2f}x |"
-                  for name, value in size["ratios"].items()]
+        lines += [
+            f"| {name} | {value:.2f}x | {size['ratios_cpu_time'][name]:.2f}x |"
+            for name, value in size["ratios"].items()
+        ]
         lines.append("")
     lines += [f"- {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"
@@ -310,20 +326,20 @@ def render_markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="10M,100M,300M,1B",
-                        help="total parameter counts (default: %(default)s)")
+    parser.add_argument("--sizes", default="10M,100M,300M,1B", help="total parameter counts (default: %(default)s)")
     parser.add_argument("--tensor-elements", default="10M", help="elements per tensor")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per size")
-    parser.add_argument("--isas", default=None,
-                        help="comma-separated ds paths to time (default: the best one)")
-    parser.add_argument("--deepspeed-python", default="/tmp/dsvenv/bin/python",
-                        help="interpreter to re-run under when deepspeed is not importable")
+    parser.add_argument("--isas", default=None, help="comma-separated ds paths to time (default: the best one)")
+    parser.add_argument(
+        "--deepspeed-python",
+        default="/tmp/dsvenv/bin/python",
+        help="interpreter to re-run under when deepspeed is not importable",
+    )
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)
 
     if native_extension().module is None:
-        print(f"native extension unavailable: {native_extension().unavailable_reason}",
-              file=sys.stderr)
+        print(f"native extension unavailable: {native_extension().unavailable_reason}", file=sys.stderr)
         return 1
     isas = args.isas.split(",") if args.isas else [available_isas()[0]]
     per_tensor = _parse_count(args.tensor_elements)
@@ -334,9 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[REEXEC_ENV] = "1"
         os.execv(args.deepspeed_python, [args.deepspeed_python, *sys.argv])
     if deepspeed is None:
-        notes.append(f"DeepSpeed not measured: not importable here nor under "
-                     f"{args.deepspeed_python!r} (python -m venv --system-site-packages "
-                     "/tmp/dsvenv && /tmp/dsvenv/bin/pip install deepspeed==0.19.8 ninja).")
+        notes.append(
+            f"DeepSpeed not measured: not importable here nor under "
+            f"{args.deepspeed_python!r} (python -m venv --system-site-packages "
+            "/tmp/dsvenv && /tmp/dsvenv/bin/pip install deepspeed==0.19.8 ninja)."
+        )
 
     threads = native_extension().module.max_threads()
     if torch.get_num_threads() != threads:
@@ -350,8 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         need = total * 18
         available = _mem_available_bytes()
         if need > 0.8 * available:
-            notes.append(f"{total / 1e6:.0f}M parameters skipped: needs {need / 2**30:.1f} GiB, "
-                         f"{available / 2**30:.1f} GiB available.")
+            notes.append(
+                f"{total / 1e6:.0f}M parameters skipped: needs {need / 2**30:.1f} GiB, "
+                f"{available / 2**30:.1f} GiB available."
+            )
             print(notes[-1], flush=True)
             continue
         size = bench_size(total, per_tensor, args.rounds, deepspeed, isas)
@@ -359,24 +379,29 @@ def main(argv: list[str] | None = None) -> int:
         size["ratios_cpu_time"] = _ratios(size, isas[0], "mparams_per_cpu_s")
         sizes.append(size)
         for name, row in size["results"].items():
-            print(f"{total / 1e6:6.0f}M  {name:62s} {row['mparams_per_s_best']:6.0f} M/s "
-                  f"(median {row['mparams_per_s_median']:.0f}, per CPU-s "
-                  f"{row['mparams_per_cpu_s']:.0f})  {row['gbytes_per_s_best']:5.1f} GB/s",
-                  flush=True)
+            print(
+                f"{total / 1e6:6.0f}M  {name:62s} {row['mparams_per_s_best']:6.0f} M/s "
+                f"(median {row['mparams_per_s_median']:.0f}, per CPU-s "
+                f"{row['mparams_per_cpu_s']:.0f})  {row['gbytes_per_s_best']:5.1f} GB/s",
+                flush=True,
+            )
         for name, value in size["ratios"].items():
-            print(f"{'':8s}{name:62s} {value:.2f}x (per CPU-s "
-                  f"{size['ratios_cpu_time'][name]:.2f}x)", flush=True)
+            print(f"{'':8s}{name:62s} {value:.2f}x (per CPU-s {size['ratios_cpu_time'][name]:.2f}x)", flush=True)
     report = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
-            "cpu": _cpu_model(), "cores": os.cpu_count(),
+            "cpu": _cpu_model(),
+            "cores": os.cpu_count(),
             "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
             "load_average_start": [round(x, 2) for x in load_start],
             "load_average_end": [round(x, 2) for x in os.getloadavg()],
         },
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "ds-zero": _version("ds-zero"),
-                     "deepspeed": _version("deepspeed")},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "ds-zero": _version("ds-zero"),
+            "deepspeed": _version("deepspeed"),
+        },
         "isa": isas[0],
         "available_isas": available_isas(),
         "omp_threads": threads,
