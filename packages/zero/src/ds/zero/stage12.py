@@ -204,6 +204,8 @@ class ShardedOptimizerPartitioner(Partitioner):
         # The optimizer's parameter order as bucket indices, for the fused step's lists.
         bucket_of_master = {id(g.master): i for i, g in enumerate(self._groups)}
         self._step_order = [bucket_of_master[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        # Groups were cut in backward order; the next forward needs them in reverse.
+        self._forward_order = list(reversed(range(len(self._groups))))
         self._step_phases = _step_phases(self._groups, split=self._fused and zero.overlap_comm)
         split_on_gpu = len(self._step_phases) > 1 and context.device.type == "cuda"
         self._gather_stream = torch.cuda.Stream(context.device) if split_on_gpu else None
@@ -309,7 +311,7 @@ class ShardedOptimizerPartitioner(Partitioner):
                     group.refresh_owned_slice()
             else:
                 self._host.step(self.optimizer)
-            self._refresh_parameters(self._step_phases[0], wait=False)
+            self._refresh_parameters(self._forward_order, wait=False)
         if not self._overlap:
             for group in self._groups:
                 group.wait_for_refresh()
@@ -378,7 +380,7 @@ class ShardedOptimizerPartitioner(Partitioner):
         for group in self._groups:
             group.wait_for_refresh()
             group.refresh_owned_slice()
-        self._refresh_parameters(list(range(len(self._groups))), wait=True)
+        self._refresh_parameters(self._forward_order, wait=True)
 
     def gather_full_parameters(self) -> dict[str, torch.Tensor]:
         result = {}
