@@ -67,17 +67,21 @@ def test_stage3_params_on_disk_match_data_parallel(optimizer_offload: str, tmp_p
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("quantized_weights", [False, True])
 @pytest.mark.parametrize("stage", [1, 2])
-def test_overlapped_refresh_on_two_gpus_matches_the_synchronous_one(stage: int) -> None:
+def test_overlapped_refresh_on_two_gpus_matches_the_synchronous_one(stage: int, quantized_weights: bool) -> None:
     """NCCL, 2 processes: with ``overlap_comm`` the all-gathers of a step run on NCCL's stream
-    behind the next forward; a block that read its weights before they arrived would train on
-    the previous step's (or half-written) weights. The losses and weights must equal those of
-    the run that waits inside ``step``."""
+    behind the rest of the update and the next forward (the first buckets' gathers issued from a
+    side stream); a block that read its weights before they arrived, or a gather that read its
+    slice before the update wrote it, would train on stale or half-written weights. The losses
+    and weights must equal those of the run that waits inside ``step``, also with qwZ's quantized
+    gather (its encode runs on the issuing stream, its decode when a reader waits)."""
     runs = {}
     for overlap in (True, False):
         config = _config(stage)
         config["train_batch_size"] = 8
         config["zero_optimization"]["overlap_comm"] = overlap
+        config["zero_optimization"]["zero_quantized_weights"] = quantized_weights
         runs[overlap] = run_distributed(train_rank, 2, config, 10)
     for on, off in zip(runs[True], runs[False], strict=True):
         torch.testing.assert_close(torch.tensor(on[0]), torch.tensor(off[0]), rtol=1e-6, atol=0)
