@@ -48,8 +48,9 @@ optimizers need for fp32 masters.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -65,6 +66,7 @@ from ds.core.state_names import (
 )
 from ds.zero.disk_adam import moments_in_memory, store_loaded_moments
 from ds.zero.flat_group import FlatGroup, build_flat_groups
+from ds.zero.gradient_buckets import GradientBucket
 from ds.zero.offload import HostMasters, build_host_optimizer
 from ds.zero.refresh_waits import register_refresh_waits
 from ds.zero.zeropp import ZeroPlusPlus
@@ -78,74 +80,6 @@ MAX_REDUCTIONS_IN_FLIGHT = 2
 # The fused step updates this share of the parameters, the buckets the next forward needs
 # first, before the rest, so their all-gathers run behind the rest of the update.
 EARLY_UPDATE_SHARE = 1 / 8
-
-
-class _BucketState:
-    """Gradient bookkeeping of one flat group; every buffer here exists only inside a window.
-
-    ``full_grad`` (the whole bucket, reduce dtype) is allocated when the bucket's first
-    gradient of a window arrives. Stage 1 keeps it until the step, and after the
-    reduce-scatter its own slice, ``shard_grad``, holds the reduced gradient. Stage 2
-    frees it as soon as the reduce-scatter is done; ``shard_grad`` is then its own
-    buffer, created by the window's first reduction (which writes straight into it) and
-    accumulated into by later micro-steps. Both are dropped by ``release`` after the step,
-    so between steps, when the next forward builds its activations, no gradient memory
-    is held (as with torch's ``zero_grad(set_to_none=True)``).
-
-    ``full_grad`` is allocated uninitialised: a parameter's first gradient is copied into
-    its view and later ones added, and views no gradient reached are zeroed just before the
-    reduction. Zero-filling the bucket and adding every gradient to it moved twice the bytes
-    per gradient element (a model-sized write and read more per backward).
-    """
-
-    def __init__(self, group: FlatGroup, reduce_dtype: torch.dtype, *, persistent_full: bool) -> None:
-        self.group = group
-        self.dtype = reduce_dtype
-        self.ready = 0
-        self.full_grad: torch.Tensor | None = None
-        self.shard_grad: torch.Tensor | None = None
-        self.views: list[torch.Tensor] = []
-        self.written: list[bool] = []
-        self.pending: tuple[Any, torch.Tensor] | None = None
-        self.launched = False  # reduced at least once since the last zero_grad
-        self.persistent_full = persistent_full
-
-    def allocate(self) -> None:
-        self.full_grad = torch.empty(self.group.padded_numel, dtype=self.dtype, device=self.group.full.device)
-        self.full_grad[self.group.numel :].zero_()  # the padding that evens the ranks' slices
-        self.views = self.group.param_views(self.full_grad)
-        self.written = [False] * len(self.views)
-        if self.persistent_full:
-            self.shard_grad = self.full_grad[self.group.lo : self.group.hi]
-
-    def accumulate(self, index: int, grad: torch.Tensor) -> None:
-        if self.written[index]:
-            self.views[index].add_(grad)
-        else:
-            self.views[index].copy_(grad)
-            self.written[index] = True
-
-    def zero_unwritten(self) -> None:
-        """Zero the views of parameters no gradient reached, before the bucket is reduced."""
-        for index, view in enumerate(self.views):
-            if not self.written[index]:
-                view.zero_()
-                self.written[index] = True
-
-    def reduced_gradient(self) -> torch.Tensor:
-        """This rank's summed gradient slice; zeros when nothing reached the bucket."""
-        if self.shard_grad is None:
-            self.shard_grad = torch.zeros(self.group.shard_numel, dtype=self.dtype, device=self.group.full.device)
-        return self.shard_grad
-
-    def release(self) -> None:
-        self.ready = 0
-        self.launched = False
-        self.shard_grad = None
-        self.drop_full()
-
-    def drop_full(self) -> None:
-        self.full_grad, self.views, self.written = None, [], []
 
 
 class ShardedOptimizerPartitioner(Partitioner):
@@ -181,10 +115,11 @@ class ShardedOptimizerPartitioner(Partitioner):
             )
             owned_groups[index] = groups
             self._groups.extend(groups)
-        self._buckets = [_BucketState(g, self._reduce_dtype, persistent_full=not shard_gradients) for g in self._groups]
+        persistent_full = not shard_gradients
+        self._buckets = [GradientBucket(g, self._reduce_dtype, persistent_full=persistent_full) for g in self._groups]
         self._bucket_of = {id(p): (b, i) for b in self._buckets for i, p in enumerate(b.group.params)}
         self._sync_enabled = True
-        self._in_flight: list[_BucketState] = []
+        self._in_flight: list[GradientBucket] = []
         self._overlap = zero.overlap_comm
         self._max_in_flight = MAX_REDUCTIONS_IN_FLIGHT if zero.overlap_comm else 0
         if self._host is not None:
@@ -204,9 +139,8 @@ class ShardedOptimizerPartitioner(Partitioner):
         # The optimizer's parameter order as bucket indices, for the fused step's lists.
         bucket_of_master = {id(g.master): i for i, g in enumerate(self._groups)}
         self._step_order = [bucket_of_master[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
-        # Groups were cut in backward order; the next forward needs them in reverse.
-        self._forward_order = list(reversed(range(len(self._groups))))
         self._step_phases = _step_phases(self._groups, split=self._fused and zero.overlap_comm)
+        self._forward_order = [index for phase in self._step_phases for index in phase]
         split_on_gpu = len(self._step_phases) > 1 and context.device.type == "cuda"
         self._gather_stream = torch.cuda.Stream(context.device) if split_on_gpu else None
         self._segments = [s for g in self._groups for s in g.segments]
@@ -229,7 +163,7 @@ class ShardedOptimizerPartitioner(Partitioner):
             if bucket.ready == len(bucket.group.params):
                 self._launch(bucket)
 
-    def _launch(self, bucket: _BucketState) -> None:
+    def _launch(self, bucket: GradientBucket) -> None:
         if bucket.full_grad is None:  # a bucket no gradient reached: reduce zeros with the others
             bucket.allocate()
         assert bucket.full_grad is not None
@@ -249,7 +183,7 @@ class ShardedOptimizerPartitioner(Partitioner):
         if len(self._in_flight) > self._max_in_flight:
             self._drain(self._in_flight.pop(0))
 
-    def _drain(self, bucket: _BucketState) -> None:
+    def _drain(self, bucket: GradientBucket) -> None:
         if bucket.pending is None:
             return
         work, scratch = bucket.pending
@@ -328,14 +262,10 @@ class ShardedOptimizerPartitioner(Partitioner):
         if not rest:
             self._refresh_parameters(early, wait=False)
             return
-        early_updated = None
-        if self._gather_stream is not None:
-            early_updated = torch.cuda.Event()
-            early_updated.record()
+        side = self._gather_stream
+        early_updated = torch.cuda.current_stream().record_event() if side is not None else None
         self._fused_step(rest[0], grad_scale)
-        if self._gather_stream is not None:
-            self._gather_stream.wait_event(early_updated)
-        with torch.cuda.stream(self._gather_stream) if self._gather_stream is not None else nullcontext():
+        with _after_event(side, early_updated):
             self._refresh_parameters(early, wait=False)
         self._refresh_parameters(rest[0], wait=False)
 
@@ -401,6 +331,17 @@ class ShardedOptimizerPartitioner(Partitioner):
         grads = sum(nbytes(b.full_grad) + (0 if b.persistent_full else nbytes(b.shard_grad)) for b in self._buckets)
         state = sum(nbytes(v) for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
         return {"params": params, "gradients": grads, "optimizer": state}
+
+
+@contextmanager
+def _after_event(stream: torch.cuda.Stream | None, event: torch.cuda.Event | None) -> Iterator[None]:
+    """Issue work on ``stream`` once ``event`` has happened; on the current stream without one (CPU)."""
+    if stream is None or event is None:
+        yield
+        return
+    stream.wait_event(event)
+    with torch.cuda.stream(stream):
+        yield
 
 
 def _step_phases(groups: list[FlatGroup], *, split: bool) -> list[list[int]]:
