@@ -55,7 +55,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cpu_adam_ceiling import AdamTrafficCeiling
+from cpu_adam_ceiling import CEILING, AdamTrafficCeiling
+from cpu_adam_report import ratios, render_markdown
 
 from ds.zero import CPUAdam
 from ds.zero._native import available_isas, native_extension
@@ -66,7 +67,6 @@ BYTES_PER_COPY = 2  # the bf16 copy written in the same pass
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-8, 0.01
 
 REEXEC_ENV = "DS_BENCH_CPU_ADAM_REEXEC"
-CEILING = "Adam's reads and writes, no arithmetic (ceiling)"
 
 
 def _deepspeed_cpu_adam() -> Callable[..., torch.optim.Optimizer] | None:
@@ -232,29 +232,6 @@ def bench_size(
     return {"total_params": total, "tensors": len(sizes), "steps_per_round": steps, "rounds": rounds, "results": rows}
 
 
-def _ratios(size: dict, isa: str, metric: str) -> dict[str, float]:
-    rows = size["results"]
-
-    def rate(name: str) -> float:
-        return float(rows[name][metric])
-
-    ours, ours_copy = rate(f"ds CPUAdam [{isa}]"), rate(f"ds CPUAdam [{isa}] + bf16 copy (fused)")
-    offload, fused = rate(f"ds adam_update_ [{isa}], bf16 grads + bf16 copy"), rate("torch AdamW fused")
-    ratios = {
-        "ceiling / torch fused": rate(CEILING) / fused,
-        "ours / ceiling": ours / rate(CEILING),
-        "ours / torch fused": ours / fused,
-        "ours+bf16 copy / torch fused (no copy)": ours_copy / fused,
-        "ours+bf16 copy / torch fused + copy": ours_copy / rate("torch AdamW fused + bf16 copy"),
-        "ours, bf16 grads + bf16 copy / torch fused (fp32 grads, no copy)": offload / fused,
-        "ours / torch foreach": ours / rate("torch AdamW foreach"),
-    }
-    if "DeepSpeedCPUAdam" in rows:
-        ratios["ours / DeepSpeedCPUAdam"] = ours / rate("DeepSpeedCPUAdam")
-        ratios["ours+bf16 copy / DeepSpeedCPUAdam + copy"] = ours_copy / rate("DeepSpeedCPUAdam + bf16 copy")
-    return ratios
-
-
 def _cpu_model() -> str:
     with open("/proc/cpuinfo") as cpuinfo:
         for line in cpuinfo:
@@ -274,54 +251,6 @@ def _parse_count(text: str) -> int:
     scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
     text = text.strip().upper()
     return int(float(text[:-1]) * scale[text[-1]]) if text[-1] in scale else int(text)
-
-
-def render_markdown(report: dict) -> str:
-    machine, isa = report["machine"], report["isa"]
-    lines = [
-        "# CPU Adam benchmark",
-        "",
-        f"- Date: {report['date']}",
-        f"- CPU: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']:.0f} GiB; "
-        f"load average at start {machine['load_average_start']}, end {machine['load_average_end']}",
-        f"- Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}",
-        f"- ds CPUAdam path: {isa} ({report['omp_threads']} OpenMP threads); paths on this CPU: "
-        f"{', '.join(report['available_isas'])}",
-        f"- Memory bandwidth, 1 GB tensor copy (read+write): {report['copy_gbytes_per_s']:.1f} GB/s",
-        f"- AdamW, lr {LR}, weight decay {WEIGHT_DECAY}; fp32 params in tensors of "
-        f"{report['tensor_elements'] / 1e6:.0f}M elements; {report['rounds']} interleaved rounds. "
-        "Wall clock: best round (median in brackets). Per CPU-second: parameters updated per "
-        "second of process CPU time (all threads, memory stalls included), median round; "
-        "stable under load. Bytes moved: 28 per parameter, 30 with the bf16 copy, 28 with bf16 "
-        "gradients and the bf16 copy. The ceiling row is one fused pass with Adam's reads and writes "
-        "(28 bytes per parameter) and an add per element; vs ceiling compares GB/s moved.",
-        "",
-    ]
-    for size in report["sizes"]:
-        lines += [
-            f"## {size['total_params'] / 1e6:.0f}M parameters ({size['tensors']} tensors)",
-            "",
-            "| implementation | M params/s, wall | M params per CPU-second | GB/s moved (wall) "
-            "| vs 1 GB copy | vs ceiling | ms/step |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        ceiling = size["results"][CEILING]["gbytes_per_s_best"]
-        for name, row in size["results"].items():
-            share = 100 * row["gbytes_per_s_best"] / report["copy_gbytes_per_s"]
-            lines.append(
-                f"| {name} | {row['mparams_per_s_best']:.0f} ({row['mparams_per_s_median']:.0f}) "
-                f"| {row['mparams_per_cpu_s']:.0f} | {row['gbytes_per_s_best']:.1f} "
-                f"| {share:.0f}% | {100 * row['gbytes_per_s_best'] / ceiling:.0f}% "
-                f"| {1e3 * row['seconds_per_step_best']:.1f} |"
-            )
-        lines += ["", "| ratio | wall, best | per CPU-second |", "| --- | ---: | ---: |"]
-        lines += [
-            f"| {name} | {value:.2f}x | {size['ratios_cpu_time'][name]:.2f}x |"
-            for name, value in size["ratios"].items()
-        ]
-        lines.append("")
-    lines += [f"- {note}" for note in report["notes"]]
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             print(notes[-1], flush=True)
             continue
         size = bench_size(total, per_tensor, args.rounds, deepspeed, isas)
-        size["ratios"] = _ratios(size, isas[0], "mparams_per_s_best")
-        size["ratios_cpu_time"] = _ratios(size, isas[0], "mparams_per_cpu_s")
+        size["ratios"] = ratios(size, isas[0], "mparams_per_s_best")
+        size["ratios_cpu_time"] = ratios(size, isas[0], "mparams_per_cpu_s")
         sizes.append(size)
         for name, row in size["results"].items():
             print(
@@ -408,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         "copy_gbytes_per_s": copy_bandwidth / 1e9,
         "tensor_elements": per_tensor,
         "rounds": args.rounds,
+        "adamw": {"lr": LR, "weight_decay": WEIGHT_DECAY},
         "sizes": sizes,
         "notes": notes,
     }

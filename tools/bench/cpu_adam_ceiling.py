@@ -38,6 +38,9 @@ from pathlib import Path
 
 import torch
 
+CEILING = "Adam's reads and writes, no arithmetic (ceiling)"
+"""The ceiling's row name in the benchmark's tables."""
+
 _SOURCE = r"""
 #include <stdint.h>
 
