@@ -10,8 +10,9 @@ three questions that decide what to optimise next:
 - the longest idle gaps on the compute stream, each with the kernels on either side and what
   other streams ran inside it, which names the cause.
 
-``train_llm.py --profile DIR`` writes ``DIR/rank{R}.json`` (this summary) and a Chrome trace
-``DIR/rank{R}.trace.json.gz`` for a closer look in Perfetto.
+``train_llm.py --profile-steps N`` writes ``profiles/<mode>-<G>gpu-mb<B>/rank{R}.json`` (this
+summary) and a Chrome trace ``rank{R}.trace.json.gz`` beside its ``--out`` file, for a closer
+look in Perfetto.
 """
 
 from __future__ import annotations
